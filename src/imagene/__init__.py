@@ -1,0 +1,29 @@
+"""imagene: align H&E histology with spatial transcriptomics on AnnData / SpatialData."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from imagene._settings import settings
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "data")
+
+if TYPE_CHECKING:  # pragma: no cover
+    from imagene import datasets, io, metrics, model, module, nn, pl, pp, tl  # noqa: F401
+
+
+def __getattr__(name: str):
+    # submodules load on first use so `import imagene` stays fast (torch and scvi load only when needed)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"imagene.{name}")
+    raise AttributeError(f"module 'imagene' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES])
+
+
+__all__ = ["__version__", "settings", *_SUBMODULES]

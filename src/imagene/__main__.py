@@ -1,0 +1,3 @@
+from imagene._cli import main
+
+raise SystemExit(main())

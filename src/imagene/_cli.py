@@ -1,0 +1,51 @@
+"""Command line: ``imagene demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from imagene._demo import run_demo
+
+    res = run_demo(
+        args.out,
+        test_section=args.test_section,
+        encoder=args.encoder,
+        tile_px=args.tile_px,
+        max_epochs=args.epochs,
+        show_progress_bar=not args.quiet,
+    )
+    for name in ("hvg50", "heg50"):
+        block = res[name]
+        sys.stdout.write(
+            f"{name.upper()} held-out section {res['test_section']}: mean Pearson r  "
+            f"UMPIRE {block['umpire']['mean_pearson']:.3f}  |  ridge probe {block['ridge_probe']['mean_pearson']:.3f}  |  "
+            f"mean-expression {block['mean_expression']['mean_pearson'] if block['mean_expression']['mean_pearson'] is not None else float('nan'):.3f}\n"
+        )
+    sys.stdout.write(f"Total time {res['timings']['total_s']:.0f} s. Outputs in {args.out}/:\n")
+    for f in ("imagene_demo.h5ad", "metrics.json", "predicted_vs_measured.png"):
+        sys.stdout.write(f"  {args.out}/{f}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imagene`` command."""
+    parser = argparse.ArgumentParser(prog="imagene", description="Align H&E histology with spatial transcriptomics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the pipeline on the her2st sample shipped with the package")
+    demo.add_argument("--out", default="imagene_demo", help="output folder (default: ./imagene_demo)")
+    demo.add_argument("--test-section", default="C4", help="section held out for testing (default: C4)")
+    demo.add_argument("--encoder", default="efficientnet_lite0", help="image encoder (default: efficientnet_lite0)")
+    demo.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
+    demo.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Single source of truth for registry keys (scvi-tools) and AnnData key names."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class _REGISTRY_KEYS_NT(NamedTuple):
+    X_KEY: str = "X"  # same value as scvi.REGISTRY_KEYS.X_KEY
+    BATCH_KEY: str = "batch"  # same value as scvi.REGISTRY_KEYS.BATCH_KEY
+    IMAGE_KEY: str = "image"  # obsm features or tiles
+
+
+REGISTRY_KEYS = _REGISTRY_KEYS_NT()
+
+
+class _Keys(NamedTuple):
+    """AnnData keys written by imagene (every writer takes ``key_added`` to change them)."""
+
+    COUNTS: str = "counts"  # layers: raw integer counts (readers)
+    SPATIAL: str = "spatial"  # obsm: spot centres in full-resolution pixels (readers)
+    SECTION: str = "section"  # obs: section / library id (io.concat)
+    TILES: str = "imagene_tiles"  # obsm: uint8 tiles (n, px, px, 3); uns: provenance
+    FEATURES_PREFIX: str = "X_he_"  # obsm: frozen tile features X_he_<encoder>
+    LATENT_PREFIX: str = "X_imagene_"  # obsm: model latents X_imagene_<modality>
+    NICHE: str = "imagene_niche"  # obsp: <key>_connectivities / _distances, uns: <key>_neighbors, layers: <key>_mean
+    PREDICTED: str = "imagene_predicted"  # layers: predicted expression
+    SPLIT: str = "imagene_split"  # obs: train / validation / test
+
+
+KEYS = _Keys()
+
+#: centre-to-centre spot pitch of each platform, in microns (used to infer microns per pixel)
+SPOT_PITCH_UM = {"legacy_st": 200.0, "visium": 100.0}
+#: spot diameter of each platform, in microns
+SPOT_DIAMETER_UM = {"legacy_st": 100.0, "visium": 55.0}

@@ -1,0 +1,60 @@
+"""Concatenate sections, each keeping its own image."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import anndata as ad
+import pandas as pd
+from anndata import AnnData
+
+from imagene._constants import KEYS
+
+
+def concat(
+    adatas: Mapping[str, AnnData] | Sequence[AnnData],
+    *,
+    section_key: str = KEYS.SECTION,
+    join: str = "inner",
+) -> AnnData:
+    """Concatenate sections into one AnnData with a section column, keeping each section's image.
+
+    Parameters
+    ----------
+    adatas
+        Sections keyed by library id, or a list of single-library AnnData (their
+        ``uns['spatial']`` key is used as the id).
+    section_key
+        Column of ``obs`` holding the section id (categorical; equal to the ``uns['spatial']`` key,
+        so squidpy's ``library_key`` works).
+    join
+        ``'inner'`` keeps genes measured in every section (recommended), ``'outer'`` all genes.
+
+    Returns
+    -------
+    AnnData with ``obs[section_key]``, observation names suffixed ``-<section>``, and
+    ``uns['spatial']`` holding one entry per section.
+    """
+    if not isinstance(adatas, Mapping):
+        named = {}
+        for a in adatas:
+            libs = list(a.uns.get("spatial", {}))
+            if len(libs) != 1:
+                raise ValueError("Pass a dict {library_id: adata} when a section has no single uns['spatial'] entry.")
+            named[libs[0]] = a
+        adatas = named
+    if len(adatas) == 0:
+        raise ValueError("No sections to concatenate.")
+    spatial = {}
+    for lib, a in adatas.items():
+        if a.n_obs == 0:
+            raise ValueError(f"Section {lib!r} is empty; drop it before concatenating.")
+        entries = a.uns.get("spatial", {})
+        if lib in entries:
+            spatial[lib] = entries[lib]
+        elif len(entries) == 1:
+            spatial[lib] = next(iter(entries.values()))
+    out = ad.concat(dict(adatas), label=section_key, join=join, index_unique="-", merge="same")
+    out.obs[section_key] = pd.Categorical(out.obs[section_key], categories=list(adatas))
+    out.uns["spatial"] = spatial
+    return out

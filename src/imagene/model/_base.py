@@ -1,0 +1,267 @@
+"""What every imagene model shares: data alignment, latents by modality, query-reference prediction."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from imagene._constants import KEYS, REGISTRY_KEYS
+from imagene._utils import check_adata, check_counts, log_normalize, warn
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger("imagene")
+
+Modality = Literal["image", "gene", "joint"]
+
+
+class AlignmentMixin:
+    """Inference shared by the alignment models (mixed into a scvi-tools ``BaseModelClass``).
+
+    Query data only needs what a modality uses: ``obsm[image_key]`` for the image side, the
+    registered counts layer for the gene side (aligned to the model's genes by name).
+    """
+
+    # ---- registry helpers
+    @property
+    def _setup_args(self) -> dict:
+        return self.registry_["setup_args"]
+
+    @property
+    def image_key(self) -> str:
+        """``obsm`` key of the image input registered by ``setup_anndata``."""
+        return self._setup_args["image_key"]
+
+    @property
+    def gene_names(self) -> pd.Index:
+        """Genes of the model's gene tower, in order."""
+        return pd.Index(self.get_var_names())
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError(f"The {type(self).__name__} model is not trained yet. Call `model.train()` first.")
+
+    # ---- aligned inputs for any AnnData (query or reference)
+    def _image_input(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
+        key = self.image_key
+        if key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm[{key!r}] not found. The model was set up with image_key={key!r}: compute it for this "
+                "AnnData the same way (`imagene.pp.extract_tiles` then `imagene.pp.embed_tiles` with the same encoder)."
+            )
+        arr = adata.obsm[key]
+        expected = self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"]
+        if arr.shape[1] != expected:
+            raise ValueError(
+                f"adata.obsm[{key!r}] has {arr.shape[1]} columns but the model was trained on {expected}. "
+                "Embed this AnnData's tiles with the encoder used for training."
+            )
+        return np.asarray(arr[idx])
+
+    def _gene_input(self, adata: AnnData, idx: np.ndarray | None = None) -> sp.csr_matrix:
+        """Raw counts of ``adata`` on the model's genes (reordered; missing genes are zero, with a warning)."""
+        layer = self._setup_args.get("layer")
+        mat = adata.X if layer is None else adata.layers.get(layer)
+        if mat is None:
+            raise KeyError(f"adata.layers[{layer!r}] not found; the model was set up with layer={layer!r} (raw counts).")
+        genes = self.gene_names
+        if not adata.var_names.equals(genes):
+            pos = adata.var_names.get_indexer(genes)
+            missing = int((pos < 0).sum())
+            if missing == len(genes):
+                raise ValueError("The AnnData shares no gene with the model; check that var_names are gene symbols.")
+            if missing:
+                warn(f"{missing} of the model's {len(genes)} genes are missing from this AnnData; they are set to 0.")
+            mat = sp.csr_matrix(mat)
+            cols = mat[:, np.maximum(pos, 0)].tocsc()
+            if missing:
+                keep = sp.diags((pos >= 0).astype(np.float32))
+                cols = cols @ keep
+            mat = cols
+        mat = sp.csr_matrix(mat, dtype=np.float32)
+        if idx is not None:
+            mat = mat[idx]
+        check_counts(mat, f"counts of the query ({'X' if layer is None else f'layers[{layer!r}]'})")
+        return mat
+
+    def _indices(self, adata: AnnData, indices: Sequence[int] | None) -> np.ndarray:
+        return np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+
+    @torch.inference_mode()
+    def _embed(self, adata: AnnData, modality: str, indices: Sequence[int] | None, batch_size: int) -> np.ndarray:
+        self.module.eval()
+        device = next(self.module.parameters()).device
+        idx = self._indices(adata, indices)
+        out = []
+        gene = self._gene_input(adata) if modality in ("gene", "joint") else None
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start : start + batch_size]
+            zs = []
+            if modality in ("image", "joint"):
+                img = torch.as_tensor(self._image_input(adata, sel)).to(device)
+                zs.append(self.module.encode_image(img))
+            if gene is not None:
+                x = torch.as_tensor(gene[sel].toarray()).to(device)
+                zs.append(self.module.encode_gene(x))
+            z = zs[0] if len(zs) == 1 else torch.nn.functional.normalize(zs[0] + zs[1], dim=-1)
+            out.append(z.float().cpu())
+        return torch.cat(out).numpy()
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int = 512,
+        *,
+        modality: Modality = "joint",
+    ) -> np.ndarray:
+        """L2-normalised embedding of each spot.
+
+        Parameters
+        ----------
+        adata
+            AnnData to embed (the training AnnData when ``None``). It needs ``obsm[image_key]`` for
+            ``'image'``, the counts layer for ``'gene'`` (matched to the model's genes by name), both
+            for ``'joint'``.
+        indices
+            Subset of observations.
+        batch_size
+            Spots per forward pass.
+        modality
+            ``'image'``, ``'gene'`` or ``'joint'`` (normalised sum of the aligned image and gene
+            embeddings).
+
+        Returns
+        -------
+        (n_obs, n_latent) float32 array; write it yourself
+        (``adata.obsm["X_imagene_joint"] = ...``) or use :func:`imagene.tl.embed`.
+        """
+        if modality not in ("image", "gene", "joint"):
+            raise ValueError(f"modality must be 'image', 'gene' or 'joint'; got {modality!r}.")
+        self._check_trained()
+        adata = self.adata if adata is None else adata
+        check_adata(adata)
+        return self._embed(adata, modality, indices, batch_size)
+
+    # ---- query-reference prediction (UMPIRE / BLEEP style)
+    def _build_reference(self, batch_size: int = 512) -> None:
+        """Store the training spots' gene embeddings and log-normalised expression (saved with the model)."""
+        self.reference_latent_ = self._embed(self.adata, "gene", None, batch_size).astype(np.float32)
+        expr = log_normalize(self._gene_input(self.adata))
+        self.reference_expression_ = sp.csr_matrix(expr)
+
+    @torch.inference_mode()
+    def predict_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        k: int = 50,
+        weighting: Literal["similarity", "softmax", "uniform"] = "similarity",
+        gene_list: Sequence[str] | None = None,
+        batch_size: int = 512,
+        return_numpy: bool = False,
+    ) -> pd.DataFrame | np.ndarray:
+        """Predict expression from the image alone by query-reference retrieval.
+
+        Each query spot's image embedding is compared (cosine) with the gene embeddings of the
+        reference bank (the training spots, stored with the model); the prediction is the
+        weighted mean of the log-normalised expression (``log1p`` of counts per 10k) of the ``k``
+        most similar reference spots.
+
+        Parameters
+        ----------
+        adata
+            Query with ``obsm[image_key]`` (no expression needed); the training AnnData when ``None``.
+        indices
+            Subset of query observations.
+        k
+            Number of reference neighbours.
+        weighting
+            ``'similarity'`` (weights ∝ positive cosine similarity), ``'softmax'`` (the model's own
+            temperature) or ``'uniform'``.
+        gene_list
+            Genes to return (default: all of the model's genes).
+        batch_size
+            Query spots per step.
+        return_numpy
+            Return an array instead of a DataFrame.
+
+        Returns
+        -------
+        (n_obs, n_genes) log-normalised predictions as a DataFrame (obs names × genes) or array.
+        """
+        self._check_trained()
+        adata = self.adata if adata is None else adata
+        check_adata(adata)
+        if getattr(self, "reference_latent_", None) is None:
+            raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
+        if weighting not in ("similarity", "softmax", "uniform"):
+            raise ValueError(f"weighting must be 'similarity', 'softmax' or 'uniform'; got {weighting!r}.")
+        genes = self.gene_names
+        cols = np.arange(len(genes))
+        if gene_list is not None:
+            pos = genes.get_indexer(pd.Index(gene_list))
+            if (pos < 0).any():
+                unknown = pd.Index(gene_list)[pos < 0][:10].tolist()
+                raise KeyError(f"Genes not known to the model: {unknown}. Use genes from `model.gene_names`.")
+            cols = pos
+        k = int(min(k, self.reference_latent_.shape[0]))
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}.")
+        z_q = torch.as_tensor(self.get_latent_representation(adata, indices, batch_size, modality="image"))
+        bank = torch.as_tensor(self.reference_latent_)
+        ref = self.reference_expression_[:, cols].tocsr()
+        scale = float(self.module.logit_scale().detach().cpu())
+        rows = []
+        for start in range(0, z_q.shape[0], batch_size):
+            sim = z_q[start : start + batch_size] @ bank.T
+            top, pos = sim.topk(k, dim=1)
+            if weighting == "similarity":
+                w = top.clamp(min=0)
+                w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+            elif weighting == "softmax":
+                w = torch.softmax(top * scale, dim=1)
+            else:
+                w = torch.ones_like(top)
+            w = (w / w.sum(1, keepdim=True)).numpy()
+            n_q = w.shape[0]
+            weights = sp.csr_matrix((w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0]))
+            rows.append(np.asarray((weights @ ref).todense(), dtype=np.float32))
+        pred = np.concatenate(rows) if rows else np.zeros((0, len(cols)), np.float32)
+        if return_numpy:
+            return pred
+        obs_names = adata.obs_names[self._indices(adata, indices)]
+        return pd.DataFrame(pred, index=obs_names, columns=genes[cols])
+
+    # ---- persistence
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
+        """Load a saved model; ``adata`` must have the model's genes in the model's order."""
+        if adata is not None:
+            path = os.path.join(str(dir_path), "model.pt")
+            if os.path.exists(path):
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                var_names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
+                if len(var_names) and not adata.var_names.equals(var_names):
+                    missing = var_names.difference(adata.var_names)
+                    raise ValueError(
+                        f"adata's genes differ from the model's ({len(missing)} of {len(var_names)} model genes missing"
+                        f"{', e.g. ' + str(missing[:3].tolist()) if len(missing) else '; same genes, other order'}). "
+                        "Use `adata[:, model_genes].copy()` with the model's genes (saved in model.pt['var_names'])."
+                    )
+        return super().load(str(dir_path), adata=adata, **kwargs)
+
+
+def default_latent_key(modality: str) -> str:
+    """``obsm`` key where :func:`imagene.tl.embed` writes a modality's latent."""
+    return f"{KEYS.LATENT_PREFIX}{modality}"

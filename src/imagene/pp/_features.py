@@ -1,0 +1,131 @@
+"""Frozen image features of the tiles, written to ``obsm``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from anndata import AnnData
+
+import imagene
+from imagene._constants import KEYS
+from imagene._utils import check_adata, check_obsm, progress, save_key
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("imagene")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``'auto'`` → ``'cuda'`` when available, else ``'cpu'``; other values are returned as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encode_tiles(
+    tiles: Any,
+    encoder: torch.nn.Module,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    input_px: int | None = None,
+    show_progress_bar: bool = False,
+) -> np.ndarray:
+    """Run ``encoder`` over uint8 (n, H, W, 3) tiles (numpy or dask) in batches; float32 (n, d) on CPU."""
+    import torch
+
+    n = tiles.shape[0]
+    out = []
+    steps = range(0, n, batch_size)
+    with torch.inference_mode():
+        for start in progress(steps, total=len(steps), desc="embedding", show=show_progress_bar):
+            batch = np.asarray(tiles[start : start + batch_size])
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+            x = encoder.prepare(x, input_px)
+            out.append(encoder(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, encoder.n_features), np.float32)
+
+
+def embed_tiles(
+    adata: AnnData,
+    *,
+    encoder: str | torch.nn.Module = "efficientnet_lite0",
+    weights: str | os.PathLike | None = None,
+    tiles_key: str = KEYS.TILES,
+    batch_size: int = 64,
+    device: str = "auto",
+    input_px: int | None = None,
+    key_added: str | None = None,
+    show_progress_bar: bool = True,
+) -> None:
+    """Embed each spot's tile with a frozen image encoder and store the features in ``obsm``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with tiles from :func:`imagene.pp.extract_tiles`.
+    encoder
+        Name in the encoder registry (:func:`imagene.nn.list_image_encoders`; the offline default
+        ``'efficientnet_lite0'`` uses ImageNet weights shipped with the package index), any timm
+        model name, or a torch module mapping (B, 3, H, W) to (B, d).
+    weights
+        Local checkpoint path (or a hub id when online) for a timm encoder.
+    tiles_key
+        ``obsm`` key of the uint8 tiles.
+    batch_size
+        Tiles per forward pass.
+    device
+        ``'auto'`` (CUDA when available), ``'cpu'``, ``'cuda'``, ...
+    input_px
+        Resize tiles to this size before the encoder; ``None`` uses the encoder's native size.
+    key_added
+        ``obsm`` key; defaults to ``'X_he_<encoder>'``.
+    show_progress_bar
+        Show a progress bar.
+
+    Returns
+    -------
+    Nothing; adds to ``adata``:
+
+    - ``obsm[key_added]`` — (n_obs, n_features) float32 frozen features.
+    - ``uns[key_added]`` — provenance: ``encoder``, ``weights``, ``input_px``, ``n_features``,
+      ``tiles_key``, ``imagene_version``.
+
+    Examples
+    --------
+    >>> imagene.pp.embed_tiles(adata, encoder="efficientnet_lite0")
+    >>> adata.obsm["X_he_efficientnet_lite0"].shape
+    (1184, 1280)
+    """
+    from imagene.nn import get_image_encoder
+
+    check_adata(adata)
+    tiles = check_obsm(adata, tiles_key, "Run `imagene.pp.extract_tiles(adata)` first.")
+    if tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise ValueError(f"adata.obsm[{tiles_key!r}] must hold (n_obs, px, px, 3) uint8 tiles; got {tiles.shape}.")
+    dev = resolve_device(device)
+    enc = get_image_encoder(encoder, weights=weights).to(dev).eval()
+    px = input_px or enc.input_px
+    logger.info("Embedding %s tiles with %r at %d px on %s", f"{tiles.shape[0]:,}", enc.name, px, dev)
+    feats = encode_tiles(tiles, enc, batch_size=batch_size, device=dev, input_px=px, show_progress_bar=show_progress_bar)
+    key = key_added or f"{KEYS.FEATURES_PREFIX}{enc.name}"
+    save_key(adata, "obsm", key, feats.astype(np.float32, copy=False))
+    save_key(
+        adata,
+        "uns",
+        key,
+        {
+            "encoder": enc.name,
+            "weights": str(weights) if weights is not None else "default",
+            "input_px": int(px),
+            "n_features": int(feats.shape[1]),
+            "tiles_key": tiles_key,
+            "imagene_version": imagene.__version__,
+        },
+    )

@@ -1,0 +1,33 @@
+"""Resolve which section (library) each spot belongs to."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from imagene._constants import KEYS
+
+
+def resolve_libraries(adata: AnnData, library_key: str | None) -> tuple[str | None, dict[str, np.ndarray]]:
+    """Return the library key used and ``{library_id: integer positions of its spots}``.
+
+    With ``library_key=None``: a single ``uns['spatial']`` entry covers all spots; with several,
+    ``obs['section']`` (written by :func:`imagene.io.concat`) is used when present.
+    """
+    libs = list(adata.uns.get("spatial", {}))
+    if library_key is None:
+        if len(libs) <= 1:
+            return None, {libs[0] if libs else "": np.arange(adata.n_obs)}
+        if KEYS.SECTION in adata.obs:
+            library_key = KEYS.SECTION
+        else:
+            raise ValueError(
+                f"adata.uns['spatial'] holds {len(libs)} sections {libs}; pass `library_key=` naming the obs column "
+                "that says which section each spot belongs to."
+            )
+    if library_key not in adata.obs:
+        raise KeyError(f"adata.obs[{library_key!r}] not found. Pass the obs column holding the section of each spot.")
+    codes = pd.Categorical(adata.obs[library_key].astype(str))
+    out = {str(c): np.flatnonzero(codes == c) for c in codes.categories}
+    return library_key, {k: v for k, v in out.items() if len(v)}

@@ -1,0 +1,57 @@
+"""Section-level splits (never by spot: neighbouring spots share signal)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+from anndata import AnnData
+
+from imagene._constants import KEYS
+from imagene._utils import check_adata, save_key
+
+
+def section_split(
+    adata: AnnData,
+    *,
+    test_sections: Sequence[str],
+    validation_sections: Sequence[str] = (),
+    section_key: str = KEYS.SECTION,
+    key_added: str = KEYS.SPLIT,
+) -> None:
+    """Label each spot ``'train'``, ``'validation'`` or ``'test'`` by its section.
+
+    Parameters
+    ----------
+    adata
+        AnnData with a section column.
+    test_sections
+        Sections held out for testing.
+    validation_sections
+        Sections held out for validation / early stopping.
+    section_key
+        ``obs`` column of sections.
+    key_added
+        ``obs`` column written.
+
+    Returns
+    -------
+    Nothing; adds ``obs[key_added]``, categorical with categories train / validation / test.
+    """
+    check_adata(adata)
+    if section_key not in adata.obs:
+        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `section_key=`.")
+    sections = adata.obs[section_key].astype(str)
+    known = set(sections)
+    for name, group in (("test_sections", test_sections), ("validation_sections", validation_sections)):
+        unknown = set(map(str, group)) - known
+        if unknown:
+            raise ValueError(f"{name} {sorted(unknown)} not found in adata.obs[{section_key!r}] ({sorted(known)}).")
+    if set(map(str, test_sections)) & set(map(str, validation_sections)):
+        raise ValueError("A section cannot be both test and validation.")
+    labels = pd.Series("train", index=adata.obs_names)
+    labels[sections.isin(list(map(str, validation_sections))).to_numpy()] = "validation"
+    labels[sections.isin(list(map(str, test_sections))).to_numpy()] = "test"
+    if (labels == "train").sum() == 0:
+        raise ValueError("No training section left; hold out fewer sections.")
+    save_key(adata, "obs", key_added, pd.Categorical(labels, categories=["train", "validation", "test"]))

@@ -1,0 +1,5 @@
+"""Training plans shared by the models."""
+
+from imagene.train._plan import ContrastiveTrainingPlan
+
+__all__ = ["ContrastiveTrainingPlan"]
