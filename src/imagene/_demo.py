@@ -97,7 +97,7 @@ def run_demo(
     model = ig.model.UMPIRE(train)
     model.train(max_epochs=max_epochs, enable_progress_bar=show_progress_bar)
     timings["train_s"] = time.perf_counter() - t
-    epochs_run = len(model.history["train_loss_epoch"]) if "train_loss_epoch" in model.history else None
+    epochs_run = len(model.history["train_loss"]) if "train_loss" in model.history else None
 
     t = time.perf_counter()
     for modality in ("image", "gene", "joint"):

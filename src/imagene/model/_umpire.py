@@ -17,7 +17,7 @@ from imagene._constants import REGISTRY_KEYS
 from imagene._utils import check_adata, get_counts
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
-from imagene.train import ContrastiveTrainingPlan
+from imagene.train import ContrastiveTrainingPlan, RestoreBestWeights
 
 logger = logging.getLogger("imagene")
 
@@ -70,10 +70,10 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def __init__(
         self,
         adata: AnnData,
-        n_latent: int = 128,
-        n_hidden: int = 512,
+        n_latent: int = 64,
+        n_hidden: int = 256,
         n_layers: int = 1,
-        dropout: float = 0.1,
+        dropout: float = 0.5,
         temperature: float = 0.07,
         learn_temperature: bool = True,
         image_encoder: str | None = None,
@@ -181,12 +181,13 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self,
         max_epochs: int = 100,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
         batch_size: int = 128,
         validation_sections: Sequence[str] | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
+        restore_best_weights: bool = True,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
@@ -197,8 +198,14 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
         With a ``batch_key`` of several sections, whole sections are held out for validation
         (``validation_sections``, default: the last section) and early stopping watches
-        ``validation_loss``; with one section, 10 % of spots are held out at random (fine for
-        early stopping, not for evaluation).
+        ``recall5_validation`` (image→gene and gene→image retrieval over the whole validation
+        set; the InfoNCE loss rises with over-confidence long before retrieval stops improving);
+        with one section, 10 % of spots are held out at random (fine for early stopping, not for
+        evaluation).
+
+        The defaults (dropout 0.5, weight decay 0.05, lr 3e-4, 256 hidden, 64 latent) were chosen
+        on her2st with section C3 held out (never on the demo's test section C4): spot-level data
+        sets are small, and both towers overfit within a few epochs without strong regularisation.
 
         Parameters
         ----------
@@ -211,9 +218,12 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         validation_sections
             Sections held out for validation.
         early_stopping
-            Stop when ``validation_loss`` has not improved for ``early_stopping_patience`` epochs.
+            Stop when ``recall5_validation`` has not improved for ``early_stopping_patience`` epochs.
         early_stopping_patience
             Epochs without improvement before stopping.
+        restore_best_weights
+            End with the weights of the epoch of best ``recall5_validation``
+            (:class:`imagene.train.RestoreBestWeights`).
         accelerator, devices
             Lightning device settings (``'auto'`` uses a GPU when present).
         plan_kwargs
@@ -237,10 +247,14 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size = int(min(batch_size, max(2, n_train)))
         datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
         if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-            trainer_kwargs.setdefault("early_stopping_mode", "min")
+            trainer_kwargs.setdefault("early_stopping_monitor", "recall5_validation")
+            trainer_kwargs.setdefault("early_stopping_mode", "max")
             trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if restore_best_weights:
+            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+            callbacks.append(RestoreBestWeights(monitor="recall5_validation", mode="max"))
+            trainer_kwargs["callbacks"] = callbacks
         trainer_kwargs.setdefault("enable_checkpointing", False)
         super().train(
             max_epochs=max_epochs,

@@ -113,7 +113,9 @@ def embed_tiles(
     enc = get_image_encoder(encoder, weights=weights).to(dev).eval()
     px = input_px or enc.input_px
     logger.info("Embedding %s tiles with %r at %d px on %s", f"{tiles.shape[0]:,}", enc.name, px, dev)
-    feats = encode_tiles(tiles, enc, batch_size=batch_size, device=dev, input_px=px, show_progress_bar=show_progress_bar)
+    feats = encode_tiles(
+        tiles, enc, batch_size=batch_size, device=dev, input_px=px, show_progress_bar=show_progress_bar
+    )
     key = key_added or f"{KEYS.FEATURES_PREFIX}{enc.name}"
     save_key(adata, "obsm", key, feats.astype(np.float32, copy=False))
     save_key(

@@ -12,12 +12,14 @@ from imagene._constants import KEYS
 def resolve_libraries(adata: AnnData, library_key: str | None) -> tuple[str | None, dict[str, np.ndarray]]:
     """Return the library key used and ``{library_id: integer positions of its spots}``.
 
-    With ``library_key=None``: a single ``uns['spatial']`` entry covers all spots; with several,
-    ``obs['section']`` (written by :func:`imagene.io.concat`) is used when present.
+    With ``library_key=None``: ``obs['section']`` (written by :func:`imagene.io.concat`) is used when
+    ``uns['spatial']`` holds several sections or the column names several sections; otherwise the
+    single ``uns['spatial']`` entry (or ``''`` when there is none) covers all spots.
     """
     libs = list(adata.uns.get("spatial", {}))
     if library_key is None:
-        if len(libs) <= 1:
+        several = KEYS.SECTION in adata.obs and adata.obs[KEYS.SECTION].astype(str).nunique() > 1
+        if len(libs) <= 1 and not several:
             return None, {libs[0] if libs else "": np.arange(adata.n_obs)}
         if KEYS.SECTION in adata.obs:
             library_key = KEYS.SECTION

@@ -81,7 +81,8 @@ def niches(
     smallest = min(len(v) for v in groups.values())
     if smallest <= n_neighs:
         raise ValueError(
-            f"A section has only {smallest} spots, not more than n_neighs={n_neighs}. Lower n_neighs or drop that section."
+            f"A section has only {smallest} spots, not more than n_neighs={n_neighs}. "
+            "Lower n_neighs or drop that section."
         )
     counts = get_counts(adata, layer) if niche_expression else None
     res = sq.gr.spatial_neighbors_knn(

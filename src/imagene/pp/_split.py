@@ -26,9 +26,9 @@ def section_split(
     adata
         AnnData with a section column.
     test_sections
-        Sections held out for testing.
+        Sections held out for testing (a list, or one section name).
     validation_sections
-        Sections held out for validation / early stopping.
+        Sections held out for validation / early stopping (a list, or one section name).
     section_key
         ``obs`` column of sections.
     key_added
@@ -39,6 +39,9 @@ def section_split(
     Nothing; adds ``obs[key_added]``, categorical with categories train / validation / test.
     """
     check_adata(adata)
+    # a single section name is a str, itself a Sequence[str]: never split it into characters
+    test_sections = [test_sections] if isinstance(test_sections, str) else list(test_sections)
+    validation_sections = [validation_sections] if isinstance(validation_sections, str) else list(validation_sections)
     if section_key not in adata.obs:
         raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `section_key=`.")
     sections = adata.obs[section_key].astype(str)
@@ -47,8 +50,11 @@ def section_split(
         unknown = set(map(str, group)) - known
         if unknown:
             raise ValueError(f"{name} {sorted(unknown)} not found in adata.obs[{section_key!r}] ({sorted(known)}).")
-    if set(map(str, test_sections)) & set(map(str, validation_sections)):
-        raise ValueError("A section cannot be both test and validation.")
+    both = set(map(str, test_sections)) & set(map(str, validation_sections))
+    if both:
+        raise ValueError(
+            f"Sections {sorted(both)} are in both test_sections and validation_sections; hold each section out once."
+        )
     labels = pd.Series("train", index=adata.obs_names)
     labels[sections.isin(list(map(str, validation_sections))).to_numpy()] = "validation"
     labels[sections.isin(list(map(str, test_sections))).to_numpy()] = "test"

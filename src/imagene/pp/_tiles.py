@@ -24,24 +24,57 @@ def _is_lazy(img: Any) -> bool:
 
 
 def _as_image(img: Any, name: str) -> Any:
-    """numpy (H, W, 3) uint8 for in-memory input; lazy (H, W, C) array for dask / zarr / SpatialData input."""
+    """(H, W, 3) uint8 numpy for in-memory input; lazy (H, W, C) dask for path / dask / zarr / SpatialData input."""
     if isinstance(img, (str, os.PathLike)):
-        return open_lazy(img)
-    if hasattr(img, "dims") or hasattr(img, "children"):  # xarray DataArray / DataTree from SpatialData
-        return spatialdata_image_to_dask(img)
-    if _is_lazy(img):
-        if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
-            img = img.transpose(1, 2, 0)
-        if img.ndim != 3 or img.shape[-1] not in (3, 4):
-            raise ValueError(f"{name} must have shape (H, W, 3); got {img.shape}.")
-        return img
-    return as_rgb(np.asarray(img), name=name)
+        img = open_lazy(img)
+    elif _is_image_element(img):  # xarray DataArray / DataTree from SpatialData
+        img = spatialdata_image_to_dask(img)
+    if not _is_lazy(img):
+        return as_rgb(np.asarray(img), name=name)
+    import dask.array as da
+
+    if not type(img).__module__.startswith("dask"):  # a zarr array: slicing it would read eagerly
+        img = da.from_zarr(img)
+    if img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[-1] not in (1, 3, 4):
+        img = img.transpose(1, 2, 0)  # channels first
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:  # grayscale: repeat the channel lazily
+        warn(f"{name} is grayscale; converting to RGB by repeating the channel.")
+        img = da.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"{name} must have shape (H, W, 3); got {img.shape}.")
+    _check_uint8(img, name)
+    return img
+
+
+def _check_uint8(img: Any, name: str) -> None:
+    """Lazy images are cut as they are: refuse other dtypes rather than wrap them around silently."""
+    if np.dtype(img.dtype) != np.uint8:
+        raise ValueError(
+            f"{name} has dtype {np.dtype(img.dtype)}; tiles are cut from 8-bit RGB images. Convert it to uint8 "
+            "first, e.g. `(image // 257).astype('uint8')` for 16-bit or `(image * 255).astype('uint8')` for floats "
+            "in [0, 1]."
+        )
+
+
+def _is_image_element(img: Any) -> bool:
+    """Whether ``img`` is a SpatialData image element (xarray DataArray, or a multiscale DataTree)."""
+    return hasattr(img, "dims") or hasattr(img, "children")
 
 
 def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
     """(image, pixels of image per full-resolution pixel, description) for one section."""
     if image is not None:
-        img = image[lib] if isinstance(image, Mapping) else image
+        img = image
+        # a multiscale SpatialData image (xarray DataTree) is a Mapping too: it is one image, not a dict
+        if isinstance(image, Mapping) and not _is_image_element(image):
+            if lib not in image:
+                raise KeyError(
+                    f"`image` has no entry for section {lib!r} (it holds {list(image)}). Pass a dict with one "
+                    "full-resolution image per section, keyed like adata.uns['spatial'] / the library_key column."
+                )
+            img = image[lib]
         return _as_image(img, f"image of section {lib!r}"), 1.0, "user-supplied image"
     entry = adata.uns.get("spatial", {}).get(lib)
     if entry is None:
@@ -62,13 +95,16 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
         else:
             element = meta.get("source_image_element") or None
             if element is not None or str(src).lower().endswith((".tif", ".tiff", ".svs", ".zarr")):
-                return open_lazy(src, element), scale, f"{src} (lazy)"
+                return _as_image(open_lazy(src, element), f"image {src!r}"), scale, f"{src} (lazy)"
             return read_image(src), scale, src
     for name in ("hires", "lowres"):
         if name in images:
             key = f"tissue_{name}_scalef"
             if key not in sf:
-                raise KeyError(f"adata.uns['spatial'][{lib!r}]['scalefactors'][{key!r}] not found for its {name} image.")
+                raise KeyError(
+                    f"adata.uns['spatial'][{lib!r}]['scalefactors'][{key!r}] not found for its {name} image. "
+                    f"Set it ({name} px per full-resolution px) or pass the full-resolution image as `image=`."
+                )
             return as_rgb(images[name]), float(sf[key]), f"uns {name} image"
     raise ValueError(
         f"Section {lib!r} has no image (no uns['spatial'][{lib!r}]['images'] and no source_image_path). "
@@ -173,6 +209,8 @@ def extract_tiles(
     spatial = np.asarray(check_obsm(adata, spatial_key, "Spot centres in full-resolution pixels are required."))
     if spatial.ndim != 2 or spatial.shape[1] < 2 or not np.isfinite(spatial[:, :2]).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] must be a finite (n_obs, 2) array of pixel coordinates.")
+    if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)):
+        raise TypeError(f"tile_px must be an integer number of pixels; got {tile_px!r}.")
     if not (tile_size_um > 0 and tile_px >= 1):
         raise ValueError(f"tile_size_um and tile_px must be positive; got {tile_size_um}, {tile_px}.")
     _, groups = resolve_libraries(adata, library_key)
@@ -226,7 +264,8 @@ def extract_tiles(
     if store is None:
         if nbytes > max_memory_gb * 1024**3:
             raise ValueError(
-                f"{n:,} tiles of {tile_px} px need {nbytes / 1024**3:.1f} GB in memory (max_memory_gb={max_memory_gb}). "
+                f"{n:,} tiles of {tile_px} px need {nbytes / 1024**3:.1f} GB in memory "
+                f"(max_memory_gb={max_memory_gb}). "
                 "Pass `store='tiles.zarr'` to stream them to a chunked zarr array, or lower tile_px."
             )
         out: Any = np.zeros((n, tile_px, tile_px, 3), dtype=np.uint8)
@@ -250,7 +289,8 @@ def extract_tiles(
         crops = [_crop(img, int(x0), int(y0), int(s)) for x0, y0, s in wins]
         arrays = [c for c, _ in crops]
         if _is_lazy(img):
-            arrays = dask.compute(*arrays) if type(img).__module__.startswith("dask") else [np.asarray(a) for a in arrays]
+            is_dask = type(img).__module__.startswith("dask")
+            arrays = dask.compute(*arrays) if is_dask else [np.asarray(a) for a in arrays]
         batch = np.empty((len(wins), tile_px, tile_px, 3), dtype=np.uint8)
         for j, ((x0, y0, s), arr, (_, off)) in enumerate(zip(wins, arrays, crops, strict=True)):
             arr = np.asarray(arr)

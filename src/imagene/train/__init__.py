@@ -1,5 +1,6 @@
-"""Training plans shared by the models."""
+"""Training plans and callbacks shared by the models."""
 
+from imagene.train._callbacks import RestoreBestWeights
 from imagene.train._plan import ContrastiveTrainingPlan
 
-__all__ = ["ContrastiveTrainingPlan"]
+__all__ = ["ContrastiveTrainingPlan", "RestoreBestWeights"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from scvi.train import TrainingPlan
 
@@ -11,9 +13,17 @@ class ContrastiveTrainingPlan(TrainingPlan):
 
     The base plan logs ELBO, reconstruction and KL terms, which are constant zeros for a
     contrastive loss (and would make an ELBO-monitored early stop do nothing). This plan logs
-    ``train_loss`` / ``validation_loss`` (from the base class) and the module's extra metrics
-    (``top1_train``, ``top1_validation``, ``temperature_train``, ...), nothing else.
+    ``train_loss`` / ``validation_loss``, the module's extra metrics (``top1_train``,
+    ``temperature_train``, ...) and, over the WHOLE validation set at each epoch end,
+    ``recall5_validation``: the fraction of validation spots whose own gene embedding is among
+    the top 5 % most similar to their image embedding (a retrieval metric independent of the
+    batch size, unlike the InfoNCE loss). Modules name their paired embeddings in
+    ``_pair_keys`` (default ``("z_image", "z_gene")``).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:  # noqa: ARG002
         n = loss_output.n_obs_minibatch
@@ -27,3 +37,36 @@ class ContrastiveTrainingPlan(TrainingPlan):
                     batch_size=n,
                     sync_dist=self.use_sync_dist,
                 )
+
+    def validation_step(self, batch, batch_idx):
+        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self.log(
+            "validation_loss",
+            loss_output.loss,
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            batch_size=loss_output.n_obs_minibatch,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
+        ka, kb = getattr(self.module, "_pair_keys", ("z_image", "z_gene"))
+        if ka in inference_outputs and kb in inference_outputs:
+            self._val_pairs.append((inference_outputs[ka].detach(), inference_outputs[kb].detach()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_pairs:
+            return
+        za = torch.cat([a for a, _ in self._val_pairs])
+        zb = torch.cat([b for _, b in self._val_pairs])
+        self._val_pairs = []
+        self.log("recall5_validation", recall_at_fraction(za, zb, 0.05), sync_dist=self.use_sync_dist)
+
+
+def recall_at_fraction(za: torch.Tensor, zb: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean over both directions of the fraction of rows whose partner ranks in the top ``fraction``."""
+    sim = za @ zb.T
+    k = max(1, math.ceil(fraction * sim.shape[0]))
+    diag = sim.diagonal()
+    rank_ab = (sim > diag[:, None]).sum(1)  # partners ranked above the true one, per query row
+    rank_ba = (sim > diag[None, :]).sum(0)
+    return 0.5 * ((rank_ab < k).float().mean() + (rank_ba < k).float().mean())

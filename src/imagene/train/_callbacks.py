@@ -1,0 +1,50 @@
+"""Lightning callbacks shared by the models."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch.callbacks import Callback
+
+logger = logging.getLogger("imagene")
+
+
+class RestoreBestWeights(Callback):
+    """Keep the module weights of the best validation epoch and restore them when training ends.
+
+    Early stopping alone leaves the weights of the LAST epoch, ``patience`` epochs past the best
+    one; on small spatial datasets contrastive towers overfit within those epochs.
+
+    Parameters
+    ----------
+    monitor
+        Logged metric to watch.
+    mode
+        ``'min'`` or ``'max'``.
+    """
+
+    def __init__(self, monitor: str = "validation_loss", mode: str = "min") -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}.")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self._state = {k: t.detach().cpu().clone() for k, t in pl_module.module.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._state is not None:
+            pl_module.module.load_state_dict(self._state)
+            logger.info("Restored the weights of epoch %d (%s = %.4f)", self.best_epoch + 1, self.monitor, self.best)
