@@ -238,22 +238,11 @@ def test_section_split_keys(syn):
 # ---------------------------------------------------------------------------------- model / tl writers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scvi's CategoricalObsField writes obs['_scvi_batch'] (also without batch_key) although setup_anndata "
-    "documents that nothing in adata is changed; imagene.model owns the fix",
-)
 @pytest.mark.parametrize("batch_key", ["section", None])
-def test_setup_anndata_adds_only_scvi_uuids(featured, batch_key):
+def test_setup_anndata_adds_nothing_but_scvi_registration(featured, batch_key):
+    """scvi-tools registration adds two uns uuids and obs['_scvi_batch'] (documented), nothing else."""
     a = featured.copy()
     ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key=batch_key)
-    assert _added(featured, a) == {"uns": {"_scvi_uuid", "_scvi_manager_uuid"}}
-
-
-def test_setup_anndata_adds_nothing_but_scvi_registration(featured):
-    """What holds today: the two uns uuids plus scvi's obs['_scvi_batch'], nothing else and no value changed."""
-    a = featured.copy()
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
     assert _added(featured, a) == {"uns": {"_scvi_uuid", "_scvi_manager_uuid"}, "obs": {"_scvi_batch"}}
 
 

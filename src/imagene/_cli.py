@@ -18,12 +18,19 @@ def _demo(args: argparse.Namespace) -> int:
         max_epochs=args.epochs,
         show_progress_bar=not args.quiet,
     )
+    def fmt(v: float | None) -> str:
+        return "undefined (constant prediction)" if v is None else f"{v:.3f}"
+
+    sys.stdout.write(
+        f"Trained on {', '.join(res['train_sections'])}; predicted held-out section {res['test_section']} "
+        f"({res['n_test_spots']} spots) from H&E alone.\n"
+    )
     for name in ("hvg50", "heg50"):
         block = res[name]
         sys.stdout.write(
-            f"{name.upper()} held-out section {res['test_section']}: mean Pearson r  "
-            f"UMPIRE {block['umpire']['mean_pearson']:.3f}  |  ridge probe {block['ridge_probe']['mean_pearson']:.3f}  |  "
-            f"mean-expression {block['mean_expression']['mean_pearson'] if block['mean_expression']['mean_pearson'] is not None else float('nan'):.3f}\n"
+            f"  {name.upper()} mean Pearson r: UMPIRE {fmt(block['umpire']['mean_pearson'])} | "
+            f"ridge probe {fmt(block['ridge_probe']['mean_pearson'])} | "
+            f"mean expression {fmt(block['mean_expression']['mean_pearson'])}\n"
         )
     sys.stdout.write(f"Total time {res['timings']['total_s']:.0f} s. Outputs in {args.out}/:\n")
     for f in ("imagene_demo.h5ad", "metrics.json", "predicted_vs_measured.png"):

@@ -142,7 +142,7 @@ def run_demo(
         "note": "layers['imagene_predicted'] is out-of-sample only for the test section (obs['imagene_split'])",
         "test_section": test_section,
     }
-    adata.write_h5ad(out / "imagene_demo.h5ad")
+    adata.write_h5ad(out / "imagene_demo.h5ad", compression="gzip")
     genes_to_show = [g for g in ["ERBB2"] if g in test.var_names]
     genes_to_show += [g for g in result["hvg50"]["genes"] if g not in genes_to_show][: 3 - len(genes_to_show)]
     fig = ig.pl.predicted_vs_measured(test, genes_to_show, library_id=test_section)

@@ -33,9 +33,12 @@ def as_rgb(image: np.ndarray, *, name: str = "image") -> np.ndarray:
         warn(f"{name} is RGBA; dropping the alpha channel.")
         img = img[..., :3]
     if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and img.size and float(np.nanmax(img)) <= 1.0:
+        if img.dtype == np.uint16:
+            warn(f"{name} is 16-bit; rescaling to 8-bit (value / 257).")
+            img = img / 257.0
+        elif np.issubdtype(img.dtype, np.floating) and img.size and float(np.nanmax(img)) <= 1.0:
             img = img * 255.0
-        img = np.clip(img, 0, 255).astype(np.uint8)
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     if 0 in img.shape[:2]:
         raise ValueError(f"{name} is empty (shape {img.shape}).")
     return np.ascontiguousarray(img)
@@ -58,6 +61,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             im = im.convert("RGBA")
         arr = np.asarray(im)
     return as_rgb(arr, name=f"image {path.name!r}")
+
+
+def read_image_downscaled(path: str | os.PathLike, max_px: int) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Read an image file directly at reduced size (JPEG draft decoding), for the ``hires`` copy.
+
+    Returns the (h, w, 3) uint8 image, its scale relative to the file's full size, and the full
+    size ``(height, width)``. The full-resolution pixels are never decoded for large JPEGs.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as im:
+        full_w, full_h = im.size
+        s = min(1.0, max_px / max(full_w, full_h))
+        target = (max(1, round(full_w * s)), max(1, round(full_h * s)))
+        if s < 1.0 and im.format == "JPEG":
+            im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 size when that is still >= target
+        if im.mode not in ("RGB", "L", "RGBA"):
+            im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("LA", "PA") else "RGB")
+        if im.size != target:
+            im = im.resize(target, Image.Resampling.LANCZOS)
+        arr = np.asarray(im)
+    return as_rgb(arr, name=f"image {path.name!r}"), target[0] / full_w, (full_h, full_w)
 
 
 def open_lazy(path: str | os.PathLike, element: str | None = None) -> Any:

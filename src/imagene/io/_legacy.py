@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from imagene._constants import KEYS, SPOT_DIAMETER_UM, SPOT_PITCH_UM
 from imagene._utils import check_counts, warn
-from imagene.io._image import as_rgb, downscale, read_image
+from imagene.io._image import as_rgb, downscale, read_image_downscaled
 
 logger = logging.getLogger("imagene")
 
@@ -174,15 +174,17 @@ def read_legacy_st(
     if image is not None:
         if isinstance(image, (str, os.PathLike)):
             spatial["metadata"]["source_image_path"] = str(Path(image).resolve())
-            img = read_image(image)
+            # the hires copy is decoded at reduced size; tiles are cut from the file later
+            hires, s, shape = read_image_downscaled(image, hires_max_px)
         else:
             img = as_rgb(image, name=f"image of section {library_id!r}")
-        hires, s = downscale(img, hires_max_px)
+            shape = img.shape
+            hires, s = downscale(img, hires_max_px)
+            if s < 1.0:
+                spatial["images"]["fullres"] = img  # an in-memory image larger than hires: keep it for tiling
         spatial["images"]["hires"] = hires
         spatial["scalefactors"]["tissue_hires_scalef"] = float(image_scale * s)
-        if s < 1.0 and not spatial["metadata"]["source_image_path"]:
-            spatial["images"]["fullres"] = img  # an in-memory image larger than hires: keep it for tiling
-        _check_spots_in_image(adata.obsm[KEYS.SPATIAL] * image_scale, img.shape, library_id)
+        _check_spots_in_image(adata.obsm[KEYS.SPATIAL] * image_scale, shape, library_id)
     adata.uns["spatial"] = {library_id: spatial}
     return adata
 

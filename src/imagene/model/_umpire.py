@@ -118,7 +118,10 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Register where the model finds its inputs (nothing is copied or changed in ``adata``).
+        """Register where the model finds its inputs (no data is copied or changed).
+
+        As for every scvi-tools model, registration adds ``uns['_scvi_uuid']``,
+        ``uns['_scvi_manager_uuid']`` and the categorical codes ``obs['_scvi_batch']``; nothing else.
 
         Parameters
         ----------
