@@ -44,9 +44,9 @@ def _last_json_line(nb: nbformat.NotebookNode) -> dict:
 @pytest.mark.slow
 def test_quickstart_runs_and_scores_the_held_out_section(tmp_path, monkeypatch):
     nb = _execute(TUTORIALS / "01_quickstart.ipynb", tmp_path, monkeypatch)
-    assert all(
-        o.output_type != "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs
-    ), "a cell produced an error output"
+    assert all(o.output_type != "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs), (
+        "a cell produced an error output"
+    )
     result = _last_json_line(nb)
     assert result["fast"] is True  # the FAST switch reached the kernel
     assert result["test_section"] == "C4"
