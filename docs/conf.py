@@ -114,8 +114,11 @@ _KEEP_INHERITED = {"save", "history", "is_trained", "view_anndata_setup"}
 def _own_members() -> dict[str, list[str]]:
     import importlib
     import inspect
+    import pkgutil
 
-    subpackages = ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "module", "train")
+    import imagene
+
+    subpackages = [m.name for m in pkgutil.iter_modules(imagene.__path__) if m.ispkg and not m.name.startswith("_")]
     own: dict[str, list[str]] = {}
     for sub in subpackages:
         mod = importlib.import_module(f"imagene.{sub}")

@@ -18,7 +18,7 @@ import imagene
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 #: public subpackages whose every ``__all__`` name must be on the API page
-SUBPACKAGES = ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "module", "train")
+SUBPACKAGES = ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "module", "train", "bench")
 
 _BLOCK = re.compile(r"```\{eval-rst\}\n(.*?)```", re.S)
 
@@ -110,5 +110,7 @@ def test_every_public_subpackage_has_an_api_section():
     # a new public subpackage (a folder with __init__.py under src/imagene) must get a section on the page
     subs = {m.name for m in pkgutil.iter_modules(imagene.__path__) if m.ispkg and not m.name.startswith("_")}
     documented_subs = {f"{c}.{e}".split(".")[1] for c, e in _documented() if f"{c}.{e}".count(".") >= 2}
-    assert subs <= documented_subs, f"Subpackages without an API section in docs/api.md: {sorted(subs - documented_subs)}"
+    assert subs <= documented_subs, (
+        f"Subpackages without an API section in docs/api.md: {sorted(subs - documented_subs)}"
+    )
     assert set(SUBPACKAGES) <= subs

@@ -9,10 +9,10 @@ from imagene._settings import settings
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "data")
+_SUBMODULES = ("bench", "datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from imagene import datasets, io, metrics, model, module, nn, pl, pp, tl  # noqa: F401
+    from imagene import bench, datasets, io, metrics, model, module, nn, pl, pp, tl, train  # noqa: F401
 
 
 def __getattr__(name: str):

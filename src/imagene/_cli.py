@@ -1,4 +1,4 @@
-"""Command line: ``imagene demo``."""
+"""Command line: ``imagene demo`` and ``imagene bench``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser(
+        "bench", help="benchmark UMPIRE against baselines, leaving one section out (expression, retrieval, clustering)"
+    )
+    from imagene.bench._command import add_arguments, run_command
+
+    add_arguments(bench)
+    bench.set_defaults(func=run_command)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -11,25 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from imagene.bench._baselines import ridge_probe  # re-exported: tutorials import it from here
+
 logger = logging.getLogger("imagene")
-
-
-def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, n_components: int = 256, seed: int = 0):
-    """HEST-Benchmark probe: StandardScaler → PCA(256) → ridge, fitted on training spots only.
-
-    The ridge penalty is chosen by efficient leave-one-out CV on the training spots.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    n_comp = int(min(n_components, x_train.shape[0] - 1, x_train.shape[1]))
-    probe = make_pipeline(
-        StandardScaler(), PCA(n_components=n_comp, random_state=seed), RidgeCV(alphas=np.logspace(-1, 5, 13))
-    )
-    probe.fit(x_train, y_train)
-    return probe.predict(x_test)
 
 
 def run_demo(

@@ -1,0 +1,45 @@
+"""Benchmark harness: leave-one-section-out evaluation of imagene models against baselines.
+
+``python -m imagene.bench`` / ``imagene bench`` runs the tasks ``expression``, ``retrieval`` and
+``clustering`` on legacy-ST sections; :func:`run` is the same runner for any AnnData.
+"""
+
+from __future__ import annotations
+
+from imagene.bench._baselines import (
+    ExpressionPCA,
+    ImageFeatures,
+    MeanExpression,
+    RandomReference,
+    RidgeProbe,
+    STNetHead,
+    ridge_probe,
+)
+from imagene.bench._command import main
+from imagene.bench._data import read_sections
+from imagene.bench._methods import FoldContext, ImageneModel, Method, bleep_style
+from imagene.bench._report import per_fold_table, plot_results, summary_table, write_results
+from imagene.bench._runner import default_methods, run, summarize
+
+__all__ = [
+    "ExpressionPCA",
+    "FoldContext",
+    "ImageFeatures",
+    "ImageneModel",
+    "MeanExpression",
+    "Method",
+    "RandomReference",
+    "RidgeProbe",
+    "STNetHead",
+    "bleep_style",
+    "default_methods",
+    "main",
+    "per_fold_table",
+    "plot_results",
+    "read_sections",
+    "ridge_probe",
+    "run",
+    "summarize",
+    "summary_table",
+    "write_results",
+]

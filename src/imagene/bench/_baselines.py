@@ -1,0 +1,549 @@
+"""Baselines of the benchmark: the HEST probe, an ST-Net-style head, floors, and clustering references."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+from anndata import AnnData
+
+from imagene._utils import log_normalize
+from imagene.bench._methods import FoldContext, Method, training_log1p
+
+logger = logging.getLogger("imagene")
+
+
+def _ridge_pipeline(n_obs: int, n_features: int, *, n_components: int = 256, seed: int = 0):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_comp = int(min(n_components, n_obs - 1, n_features))
+    return make_pipeline(
+        StandardScaler(), PCA(n_components=n_comp, random_state=seed), RidgeCV(alphas=np.logspace(-1, 5, 13))
+    )
+
+
+def ridge_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, n_components: int = 256, seed: int = 0
+) -> np.ndarray:
+    """HEST-Benchmark probe: StandardScaler → PCA(256) → ridge, fitted on training spots only.
+
+    The ridge penalty is chosen by efficient leave-one-out cross-validation on the training spots
+    (one penalty for all genes, from 13 values between 0.1 and 1e5).
+
+    Parameters
+    ----------
+    x_train
+        (n_train, d) frozen image features of the training spots.
+    y_train
+        (n_train, n_genes) training targets (``log1p`` CP10k).
+    x_test
+        (n_test, d) features of the held-out spots.
+    n_components
+        PCA components (capped at ``n_train - 1`` and ``d``).
+    seed
+        Seed of the PCA solver.
+
+    Returns
+    -------
+    (n_test, n_genes) predictions.
+
+    Examples
+    --------
+    >>> pred = ridge_probe(train.obsm["X_he_efficientnet_lite0"], y_train, test.obsm["X_he_efficientnet_lite0"])
+    """
+    probe = _ridge_pipeline(x_train.shape[0], x_train.shape[1], n_components=n_components, seed=seed)
+    probe.fit(x_train, y_train)
+    return probe.predict(x_test)
+
+
+class _Regressor(Method):
+    """Expression regressors; for retrieval they embed a spot's image as its predicted expression.
+
+    The image embedding is the predicted ``log1p`` CP10k of the training HVGs, the gene embedding
+    the measured one, both standardised with the training mean and standard deviation: retrieval
+    then asks whether the predicted profile finds the measured one.
+    """
+
+    tasks = ("expression", "retrieval")
+
+    def _fit_targets(self, train: AnnData, ctx: FoldContext) -> np.ndarray:
+        y = training_log1p(train, ctx)
+        self.ctx_ = ctx
+        self.mean_ = y.mean(0)
+        sd = y[:, ctx.hvg].std(0)
+        self.hvg_sd_ = np.where(sd > 0, sd, 1.0)
+        return y
+
+    def embed(self, adata: AnnData, modality: str) -> np.ndarray:
+        """Standardised predicted (``'image'``) or measured (``'gene'``) expression of the training HVGs.
+
+        Parameters
+        ----------
+        adata
+            Spots to embed.
+        modality
+            ``'image'`` or ``'gene'``.
+
+        Returns
+        -------
+        (n_obs, n_hvg) array.
+        """
+        ctx = self.ctx_
+        if modality == "image":
+            y = self.predict_expression(adata)
+        elif modality == "gene":
+            y = training_log1p(adata, ctx)
+        else:
+            raise ValueError(f"{self.name} embeds 'image' or 'gene'; got {modality!r}.")
+        return (y[:, ctx.hvg] - self.mean_[ctx.hvg]) / self.hvg_sd_
+
+
+class RidgeProbe(_Regressor):
+    """The HEST-Benchmark probe on frozen tile features: StandardScaler → PCA(256) → ridge (:func:`ridge_probe`).
+
+    Targets are ``log1p`` CP10k of every training gene; scaler, PCA and penalty are fitted on the
+    fold's training spots only.
+
+    Parameters
+    ----------
+    n_components
+        PCA components.
+
+    Examples
+    --------
+    >>> imagene.bench.run(adata, methods=[imagene.bench.RidgeProbe()])
+    """
+
+    name = "ridge_probe"
+
+    def __init__(self, n_components: int = 256) -> None:
+        self.n_components = int(n_components)
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Fit scaler, PCA and ridge on the training spots.
+
+        Parameters
+        ----------
+        train
+            Training spots.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        y = self._fit_targets(train, ctx)
+        x = np.asarray(train.obsm[ctx.image_key], dtype=np.float64)
+        self.probe_ = _ridge_pipeline(x.shape[0], x.shape[1], n_components=self.n_components, seed=ctx.seed)
+        self.probe_.fit(x, y)
+
+    def predict_expression(self, test: AnnData) -> np.ndarray:
+        """Ridge predictions from the image features.
+
+        Parameters
+        ----------
+        test
+            Held-out spots.
+
+        Returns
+        -------
+        (n_test, n_genes) array.
+        """
+        return self.probe_.predict(np.asarray(test.obsm[self.ctx_.image_key], dtype=np.float64))
+
+
+class STNetHead(_Regressor):
+    """ST-Net-style regression (He et al., Nat Biomed Eng 2020): image encoder + linear head trained with MSE.
+
+    ST-Net fine-tunes a DenseNet-121 on the tiles; on CPU within the benchmark's budget this
+    baseline keeps the encoder frozen (the fold's frozen tile features) and trains the linear head
+    on standardised features with AdamW and an MSE loss on ``log1p`` CP10k of every training gene.
+    The head starts as the mean-expression floor (zero weights, bias = training mean) and, like
+    UMPIRE, stops early on a held-out TRAINING section (the last one, sorted; 10 % of spots when
+    there is one section), keeping the weights of the best validation epoch (the starting point
+    included, so it never ends worse than the floor on validation). Zero initialisation and
+    ``lr=1e-4`` were chosen on her2st by validation MSE with B4 and C2 for training and C3 for
+    validation (a default PyTorch initialisation adds noise of the order of the signal to 10^4
+    outputs; larger learning rates overshoot within one epoch).
+
+    Parameters
+    ----------
+    max_epochs
+        Epoch budget (``None``: ``ctx.max_epochs``).
+    lr
+        AdamW learning rate.
+    weight_decay
+        AdamW weight decay.
+    batch_size
+        Spots per step.
+    patience
+        Epochs without a better validation MSE before stopping.
+
+    Examples
+    --------
+    >>> imagene.bench.run(adata, methods=[imagene.bench.STNetHead(max_epochs=50)])
+    """
+
+    name = "stnet_style"
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        batch_size: int = 64,
+        patience: int = 10,
+    ) -> None:
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.patience = patience
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Train the linear head with early stopping on a held-out training section.
+
+        Parameters
+        ----------
+        train
+            Training spots.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        import torch
+
+        y = self._fit_targets(train, ctx).astype(np.float32)
+        x = np.asarray(train.obsm[ctx.image_key], dtype=np.float32)
+        sections = train.obs[ctx.section_key].astype(str).to_numpy()
+        names = sorted(set(sections))
+        rng = np.random.default_rng(ctx.seed)
+        if len(names) > 1:
+            is_val = sections == names[-1]
+        else:
+            is_val = np.zeros(len(x), bool)
+            is_val[rng.choice(len(x), max(1, len(x) // 10), replace=False)] = True
+        self.x_mean_ = x[~is_val].mean(0)
+        sd = x[~is_val].std(0)
+        self.x_sd_ = np.where(sd > 0, sd, 1.0).astype(np.float32)
+        xs = torch.as_tensor((x - self.x_mean_) / self.x_sd_)
+        yt = torch.as_tensor(y)
+        tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        head = torch.nn.Linear(x.shape[1], y.shape[1])
+        with torch.no_grad():  # start from the mean-expression floor: zero weights, bias = training mean
+            head.weight.zero_()
+            head.bias.copy_(torch.as_tensor(y[tr].mean(0)))
+        opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        gen = torch.Generator().manual_seed(int(ctx.seed))
+        with torch.no_grad():
+            best = float(torch.nn.functional.mse_loss(head(xs[va]), yt[va]))
+        best_state, since = {k: v.detach().clone() for k, v in head.state_dict().items()}, 0
+        epochs = int(self.max_epochs or ctx.max_epochs)
+        self.epochs_run_ = 0
+        for _ in range(epochs):
+            head.train()
+            order = torch.as_tensor(tr)[torch.randperm(len(tr), generator=gen)]
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                loss = torch.nn.functional.mse_loss(head(xs[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            self.epochs_run_ += 1
+            head.eval()
+            with torch.no_grad():
+                val = float(torch.nn.functional.mse_loss(head(xs[va]), yt[va]))
+            if val < best - 1e-6:
+                best, since = val, 0
+                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        head.load_state_dict(best_state)
+        self.weight_ = head.weight.detach().numpy().T.copy()
+        self.bias_ = head.bias.detach().numpy().copy()
+        self.best_validation_mse_ = best
+
+    def predict_expression(self, test: AnnData) -> np.ndarray:
+        """Linear-head predictions from the image features.
+
+        Parameters
+        ----------
+        test
+            Held-out spots.
+
+        Returns
+        -------
+        (n_test, n_genes) array.
+        """
+        x = (np.asarray(test.obsm[self.ctx_.image_key], dtype=np.float32) - self.x_mean_) / self.x_sd_
+        return x @ self.weight_ + self.bias_
+
+
+class RandomReference(Method):
+    """Chance floor of query-reference prediction: each spot gets the mean of ``k`` random training spots.
+
+    The same ``k`` as UMPIRE's retrieval, drawn uniformly instead of by similarity; for retrieval
+    it embeds spots as independent Gaussian noise (chance recall, about ``k_percent / 100``).
+
+    Parameters
+    ----------
+    k
+        Random reference spots averaged per query.
+    n_dims
+        Width of the random embeddings.
+
+    Examples
+    --------
+    >>> imagene.bench.run(adata, methods=[imagene.bench.RandomReference(k=50)])
+    """
+
+    name = "random_reference"
+    tasks = ("expression", "retrieval")
+
+    def __init__(self, k: int = 50, n_dims: int = 64) -> None:
+        self.k = int(k)
+        self.n_dims = int(n_dims)
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Store the training expression (the reference bank).
+
+        Parameters
+        ----------
+        train
+            Training spots.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        self.reference_ = training_log1p(train, ctx)
+        self.seed_ = [int(ctx.seed), zlib.crc32(ctx.fold.encode())]  # differs between folds
+
+    def predict_expression(self, test: AnnData) -> np.ndarray:
+        """Mean of ``k`` uniformly drawn reference spots per query.
+
+        Parameters
+        ----------
+        test
+            Held-out spots.
+
+        Returns
+        -------
+        (n_test, n_genes) array.
+        """
+        rng = np.random.default_rng([*self.seed_, 1])
+        n_ref = self.reference_.shape[0]
+        k = min(self.k, n_ref)
+        idx = np.stack([rng.choice(n_ref, k, replace=False) for _ in range(test.n_obs)])
+        return self.reference_[idx].mean(1)
+
+    def embed(self, adata: AnnData, modality: str) -> np.ndarray:
+        """Gaussian noise, independent between modalities.
+
+        Parameters
+        ----------
+        adata
+            Spots to embed.
+        modality
+            Any modality.
+
+        Returns
+        -------
+        (n_obs, n_dims) array.
+        """
+        stream = {"image": 2, "gene": 3, "joint": 4}.get(modality, 5)
+        return np.random.default_rng([*self.seed_, stream]).standard_normal((adata.n_obs, self.n_dims))
+
+
+class MeanExpression(Method):
+    """Floor: every held-out spot gets the training mean expression.
+
+    Its per-gene Pearson r is undefined (a constant prediction) and is reported as such; its MSE
+    is the floor that a useful method must beat.
+
+    Examples
+    --------
+    >>> imagene.bench.run(adata, methods=[imagene.bench.MeanExpression()])
+    """
+
+    name = "mean_expression"
+    tasks = ("expression",)
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Store the training mean.
+
+        Parameters
+        ----------
+        train
+            Training spots.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        self.mean_ = training_log1p(train, ctx).mean(0)
+
+    def predict_expression(self, test: AnnData) -> np.ndarray:
+        """The training mean for every spot.
+
+        Parameters
+        ----------
+        test
+            Held-out spots.
+
+        Returns
+        -------
+        (n_test, n_genes) array.
+        """
+        return np.tile(self.mean_, (test.n_obs, 1))
+
+
+class ExpressionPCA(Method):
+    """Clustering reference from expression alone: the scanpy recipe (log1p CP10k → HVGs → PCA).
+
+    ``sc.pp.highly_variable_genes`` (seurat flavour) and ``sc.pp.pca`` are fitted on the spots given
+    to ``fit``; :meth:`embed` projects any spots onto the same components.
+
+    Parameters
+    ----------
+    n_top_genes
+        Highly variable genes kept.
+    n_comps
+        Principal components.
+
+    Examples
+    --------
+    >>> imagene.bench.run(a1, task="clustering", methods=[imagene.bench.ExpressionPCA()])
+    """
+
+    name = "expression_pca"
+    tasks = ("clustering",)
+    clustering_modalities = ("gene",)
+
+    def __init__(self, n_top_genes: int = 2000, n_comps: int = 50) -> None:
+        self.n_top_genes = int(n_top_genes)
+        self.n_comps = int(n_comps)
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Select HVGs and fit the PCA on the given spots.
+
+        Parameters
+        ----------
+        train
+            Spots to fit on.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        import scanpy as sc
+
+        self.ctx_ = ctx
+        a = AnnData(X=training_log1p(train, ctx))
+        a.var_names = ctx.genes
+        sc.pp.highly_variable_genes(a, n_top_genes=min(self.n_top_genes, a.n_vars), flavor="seurat")
+        a = a[:, a.var["highly_variable"].to_numpy()].copy()
+        n_comps = int(min(self.n_comps, a.n_obs - 1, a.n_vars - 1))
+        sc.pp.pca(a, n_comps=n_comps, random_state=ctx.seed)
+        self.genes_ = a.var_names
+        self.mean_ = np.asarray(a.X).mean(0)
+        self.components_ = np.asarray(a.varm["PCs"])
+
+    def embed(self, adata: AnnData, modality: str = "gene") -> np.ndarray:
+        """Principal-component coordinates of the spots' expression.
+
+        Parameters
+        ----------
+        adata
+            Spots with counts.
+        modality
+            ``'gene'``.
+
+        Returns
+        -------
+        (n_obs, n_comps) array.
+        """
+        if modality != "gene":
+            raise ValueError(f"{self.name} embeds expression only (modality 'gene'); got {modality!r}.")
+        x = log_normalize(adata[:, self.ctx_.genes].layers[self.ctx_.layer])
+        x = x[:, self.ctx_.genes.get_indexer(self.genes_)]
+        return (x - self.mean_) @ self.components_
+
+
+class ImageFeatures(Method):
+    """Clustering reference from the image alone: frozen tile features → StandardScaler → PCA.
+
+    Parameters
+    ----------
+    n_comps
+        Principal components.
+
+    Examples
+    --------
+    >>> imagene.bench.run(a1, task="clustering", methods=[imagene.bench.ImageFeatures()])
+    """
+
+    name = "image_features"
+    tasks = ("clustering",)
+    clustering_modalities = ("image",)
+
+    def __init__(self, n_comps: int = 50) -> None:
+        self.n_comps = int(n_comps)
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Fit scaler and PCA on the given spots' features.
+
+        Parameters
+        ----------
+        train
+            Spots to fit on.
+        ctx
+            The fold.
+
+        Returns
+        -------
+        Nothing.
+        """
+        from sklearn.decomposition import PCA
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.ctx_ = ctx
+        x = np.asarray(train.obsm[ctx.image_key], dtype=np.float64)
+        n_comps = int(min(self.n_comps, x.shape[0] - 1, x.shape[1]))
+        self.pipeline_ = make_pipeline(StandardScaler(), PCA(n_components=n_comps, random_state=ctx.seed)).fit(x)
+
+    def embed(self, adata: AnnData, modality: str = "image") -> np.ndarray:
+        """Principal-component coordinates of the spots' image features.
+
+        Parameters
+        ----------
+        adata
+            Spots with image features.
+        modality
+            ``'image'``.
+
+        Returns
+        -------
+        (n_obs, n_comps) array.
+        """
+        if modality != "image":
+            raise ValueError(f"{self.name} embeds image features only (modality 'image'); got {modality!r}.")
+        return self.pipeline_.transform(np.asarray(adata.obsm[self.ctx_.image_key], dtype=np.float64))

@@ -1,0 +1,382 @@
+"""imagene.bench: the split guards, what methods may see, the scores, the methods, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import imagene as ig
+import imagene.bench as bench
+from imagene.bench import FoldContext, MeanExpression, Method
+
+FAST_UMPIRE = {
+    "model_kwargs": {"n_hidden": 32, "n_latent": 8, "dropout": 0.1},
+    "train_kwargs": {"batch_size": 64, "accelerator": "cpu", "early_stopping_patience": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    a = ig.datasets.synthetic_he_st(n_obs=240, n_vars=60, n_sections=3, image_px=384, seed=1)
+    ig.pp.extract_tiles(a, tile_size_um=24, tile_px=32, show_progress_bar=False)
+    ig.pp.embed_tiles(a, encoder="tiny", show_progress_bar=False)
+    del a.obsm["imagene_tiles"]
+    return a
+
+
+def _log1p_cp10k(counts) -> np.ndarray:
+    """Written out here so expected values do not come from the code under test."""
+    x = np.asarray(counts.toarray() if sp.issparse(counts) else counts, dtype=np.float64)
+    lib = x.sum(1, keepdims=True)
+    lib[lib == 0] = 1
+    return np.log1p(x / lib * 1e4)
+
+
+class Spy(Method):
+    """Records what the runner hands to a method (the log is shared by the runner's deep copies)."""
+
+    name, tasks, clustering_modalities = "spy", ("expression", "retrieval", "clustering"), ("gene",)
+    log: list = []
+
+    def fit(self, train, *, ctx):
+        self.ctx_ = ctx
+        self.mean_ = _log1p_cp10k(train.layers[ctx.layer]).mean(0)
+        Spy.log.append({"stage": "fit", "ctx": ctx, "obs_names": list(train.obs_names), "obs": list(train.obs.columns),
+                        "sections": set(train.obs[ctx.section_key].astype(str)), "var": list(train.var_names)})
+
+    def predict_expression(self, test):
+        Spy.log.append(
+            {"stage": "predict", "nnz": test.X.nnz, "layers": list(test.layers), "obs_names": list(test.obs_names)}
+        )
+        return np.tile(self.mean_, (test.n_obs, 1))
+
+    def embed(self, adata, modality):
+        Spy.log.append({"stage": "embed", "obs": list(adata.obs.columns)})
+        return _log1p_cp10k(adata.layers[self.ctx_.layer])
+
+
+# ------------------------------------------------------------------------------------------
+# split guards
+# ------------------------------------------------------------------------------------------
+def test_spot_split_of_several_sections_is_refused(synthetic):
+    with pytest.raises(ValueError, match="split='section'"):
+        bench.run(synthetic, split="spot", methods=[MeanExpression()])
+    with pytest.raises(ValueError, match="split"):
+        bench.run(synthetic, split="random", methods=[MeanExpression()])
+
+
+def test_spot_split_of_one_section_warns_and_uses_disjoint_folds(synthetic):
+    one = synthetic[synthetic.obs["section"] == "S0"].copy()
+    Spy.log.clear()
+    with pytest.warns(UserWarning, match="optimistic"):
+        df = bench.run(one, split="spot", methods=[Spy()], n_spot_folds=4)
+    assert df["fold"].nunique() == 4
+    fits = [e for e in Spy.log if e["stage"] == "fit"]
+    preds = [e for e in Spy.log if e["stage"] == "predict"]
+    for f, p in zip(fits, preds, strict=True):
+        assert not set(f["obs_names"]) & set(p["obs_names"])
+    assert sorted(n for p in preds for n in p["obs_names"]) == sorted(one.obs_names)
+
+
+def test_leave_one_section_out_shows_methods_training_data_only(synthetic):
+    Spy.log.clear()
+    df = bench.run(synthetic, methods=[Spy()], n_genes=10)
+    assert sorted(df["fold"].unique()) == ["S0", "S1", "S2"]
+    fits = [e for e in Spy.log if e["stage"] == "fit"]
+    preds = [e for e in Spy.log if e["stage"] == "predict"]
+    sections = synthetic.obs["section"].astype(str)
+    for f, p in zip(fits, preds, strict=True):
+        ctx: FoldContext = f["ctx"]
+        assert f["sections"] == {"S0", "S1", "S2"} - {ctx.fold}
+        assert set(f["obs_names"]) == set(synthetic.obs_names[(sections != ctx.fold).to_numpy()])
+        # held-out spots come without expression
+        assert p["nnz"] == 0 and p["layers"] == []
+        assert set(p["obs_names"]) == set(synthetic.obs_names[(sections == ctx.fold).to_numpy()])
+        # genes and gene sets are chosen on the training spots only
+        train = synthetic[(sections != ctx.fold).to_numpy()]
+        counts = train.layers["counts"].toarray()
+        expected_genes = synthetic.var_names[(counts > 0).mean(0) >= 0.1]
+        assert list(ctx.genes) == list(expected_genes) == f["var"]
+        y = _log1p_cp10k(counts[:, (counts > 0).mean(0) >= 0.1])
+        assert set(ctx.hvg) == set(np.argsort(-y.var(0))[:10])
+        assert set(ctx.heg) == set(np.argsort(-y.mean(0))[:10])
+
+
+def test_patient_split_holds_out_every_section_of_a_patient(synthetic):
+    a = synthetic.copy()
+    a.obs["patient"] = a.obs["section"].astype(str).map({"S0": "P", "S1": "P", "S2": "Q"})
+    Spy.log.clear()
+    df = bench.run(a, split="patient", methods=[Spy()])
+    assert sorted(df["fold"].unique()) == ["patient P", "patient Q"]
+    fits = {e["ctx"].fold: e["sections"] for e in Spy.log if e["stage"] == "fit"}
+    assert fits == {"patient P": {"S2"}, "patient Q": {"S0", "S1"}}
+    with pytest.raises(KeyError, match="patient"):
+        bench.run(synthetic, split="patient", methods=[Spy()], patient_key="donor")
+
+
+# ------------------------------------------------------------------------------------------
+# leakage guards
+# ------------------------------------------------------------------------------------------
+_FULL = {}
+
+
+class Peeker(Method):
+    """Fits on data it was not given: the runner must notice."""
+
+    name, tasks = "peeker", ("expression",)
+
+    def fit(self, train, *, ctx):
+        self.data_ = _FULL["adata"]
+        self.mean_ = np.zeros(len(ctx.genes))
+
+    def predict_expression(self, test):
+        return np.tile(self.mean_, (test.n_obs, 1))
+
+
+class Holder(Method):
+    name, tasks = "holder", ("expression",)
+
+    def __init__(self, adata=None, scaler=None):
+        self.adata, self.scaler = adata, scaler
+
+
+def test_method_fitted_on_test_spots_is_caught(synthetic):
+    _FULL["adata"] = synthetic
+    with pytest.raises(RuntimeError, match="held-out fold"):
+        bench.run(synthetic, methods=[Peeker()])
+
+
+def test_methods_carrying_data_or_fitted_preprocessing_are_refused(synthetic):
+    from sklearn.preprocessing import StandardScaler
+
+    with pytest.raises(ValueError, match="holds an AnnData"):
+        bench.run(synthetic, methods=[Holder(adata=synthetic)])
+    fitted = StandardScaler().fit(synthetic.obsm["X_he_tiny"])
+    with pytest.raises(ValueError, match="already fitted StandardScaler"):
+        bench.run(synthetic, methods=[Holder(scaler={"step": fitted})])
+    with pytest.raises(TypeError, match="Method"):
+        bench.run(synthetic, methods=[object()])
+
+
+def test_inputs_fitted_on_all_spots_and_ambiguous_names_are_refused(synthetic):
+    a = synthetic.copy()
+    a.obsm["X_pca"] = np.zeros((a.n_obs, 5))
+    with pytest.raises(ValueError, match="fitted on all spots"):
+        bench.run(a, image_key="X_pca", methods=[MeanExpression()])
+    b = synthetic.copy()
+    b.obs_names = ["spot"] * b.n_obs
+    with pytest.raises(ValueError, match="not unique"):
+        bench.run(b, methods=[MeanExpression()])
+    with pytest.raises(ValueError, match="does not take part"):
+        bench.run(synthetic, task="retrieval", methods=[MeanExpression()])
+    with pytest.raises(KeyError, match="sect"):
+        bench.run(synthetic, section_key="sect", methods=[MeanExpression()])
+
+
+# ------------------------------------------------------------------------------------------
+# scores
+# ------------------------------------------------------------------------------------------
+def test_expression_scores_of_the_mean_floor_by_hand(synthetic):
+    df = bench.run(synthetic, methods=[MeanExpression()], n_genes=10)
+    assert list(df.columns) == ["method", "fold", "metric", "value"]
+    sections = synthetic.obs["section"].astype(str).to_numpy()
+    counts = synthetic.layers["counts"].toarray()
+    for fold in ("S0", "S1", "S2"):
+        tr, te = sections != fold, sections == fold
+        keep = (counts[tr] > 0).mean(0) >= 0.1
+        y_tr, y_te = _log1p_cp10k(counts[tr][:, keep]), _log1p_cp10k(counts[te][:, keep])
+        hvg = np.argsort(-y_tr.var(0))[:10]
+        expected = np.mean((y_te[:, hvg] - y_tr.mean(0)[hvg]) ** 2)
+        got = df.query("fold == @fold").set_index("metric")["value"]
+        assert got["mse_hvg10"] == pytest.approx(expected, rel=1e-5)
+        # a constant prediction has no correlation: reported as undefined, not as 0
+        assert np.isnan(got["pcc_hvg10"]) and got["undefined_hvg10"] == 10
+
+
+def test_summarize_is_mean_and_std_over_folds(synthetic):
+    df = bench.run(synthetic, methods=[bench.RidgeProbe(n_components=8), MeanExpression()], n_genes=10)
+    s = bench.summarize(df).set_index(["method", "metric"])
+    vals = df.query("method == 'ridge_probe' and metric == 'pcc_hvg10'")["value"].to_numpy()
+    assert len(vals) == 3
+    assert s.loc[("ridge_probe", "pcc_hvg10"), "mean"] == pytest.approx(vals.mean())
+    assert s.loc[("ridge_probe", "pcc_hvg10"), "std"] == pytest.approx(vals.std(ddof=1))
+    # image features carry the synthetic domains: the probe beats chance on the held-out sections
+    assert vals.mean() > 0.2
+    table = bench.summary_table(df, "expression")
+    assert table.loc["mean_expression", "PCC HVG10"] == "undefined"
+
+
+class Oracle(Method):
+    """Embeds each spot as its own one-hot position in both modalities (or reversed on the gene side)."""
+
+    name, tasks = "oracle", ("retrieval",)
+
+    def __init__(self, reverse=False):
+        self.reverse = reverse
+
+    def fit(self, train, *, ctx):
+        pass
+
+    def embed(self, adata, modality):
+        z = np.eye(adata.n_obs)
+        return z[::-1] if (self.reverse and modality == "gene") else z
+
+
+def test_retrieval_pairs_image_and_gene_of_the_same_spot(synthetic):
+    df = bench.run(synthetic, task="retrieval", methods=[Oracle()])
+    assert set(df.query("metric != 'seconds'")["value"]) == {1.0}
+    bad = Oracle(reverse=True)
+    bad.name = "mismatched"
+    df = bench.run(synthetic, task="retrieval", methods=[bad])
+    assert df.query("metric == 'recall5'")["value"].max() < 0.1
+    assert {"recall5_i2g", "recall10_g2i", "recall15"} <= set(df["metric"])
+
+
+def test_clustering_is_unsupervised_and_scores_reference_labels(synthetic):
+    one = synthetic[synthetic.obs["section"] == "S0"].copy()
+    Spy.log.clear()
+    # gaussian kNN connectivities: the default umap kernel costs a ~30 s numba compilation per process
+    df = bench.run(one, task="clustering", label_key="domain", methods=[Spy(), bench.ExpressionPCA(n_comps=10)],
+                   seeds=[0], clustering_kwargs={"method": "gauss"})
+    assert all("domain" not in e["obs"] for e in Spy.log if e["stage"] in ("fit", "embed"))
+    got = df.set_index(["method", "metric"])["value"]
+    assert {"ari_leiden", "nmi_leiden", "ari_kmeans", "nmi_kmeans"} <= set(df["metric"])
+    # the synthetic expression has one block of marker genes per domain
+    assert got[("expression_pca", "ari_kmeans")] > 0.5
+    with pytest.raises(KeyError, match="label"):
+        bench.run(one, task="clustering", label_key="pathology", methods=[bench.ExpressionPCA()])
+
+
+# ------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------
+class RecordingModel(bench.ImageneModel):
+    """Records the sections each fit trained and validated on, and the temperature it ended with."""
+
+    log: list = []
+
+    def fit(self, train, *, ctx):
+        super().fit(train, ctx=ctx)
+        m = self.model_
+        obs = m.adata.obs[ctx.section_key].astype(str)
+        RecordingModel.log.append({
+            "name": self.name, "fold": ctx.fold, "train": set(obs.iloc[m.train_indices]),
+            "validation": set(obs.iloc[m.validation_indices]),
+            "temperature": 1.0 / float(m.module.logit_scale().detach()),
+        })
+
+
+def _recording(method: bench.ImageneModel) -> RecordingModel:
+    rec = RecordingModel.__new__(RecordingModel)
+    rec.__dict__.update(method.__dict__)
+    return rec
+
+
+def test_imagene_models_plug_in_and_validate_on_training_spots(synthetic):
+    a = synthetic.copy()
+    a.obs["patient"] = a.obs["section"].astype(str).map({"S0": "P", "S1": "P", "S2": "Q"})
+    RecordingModel.log.clear()
+    umpire = _recording(bench.ImageneModel(**FAST_UMPIRE))
+    bleep = _recording(bench.bleep_style(**FAST_UMPIRE))
+    df = bench.run(a, task="retrieval", split="patient", methods=[umpire, bleep], max_epochs=3)
+    assert set(df["method"]) == {"umpire", "bleep_style"}
+    recalls = df.loc[df["metric"] != "seconds", "value"]
+    assert len(recalls) == 2 * 2 * 9 and recalls.between(0, 1).all()
+    log = {(e["name"], e["fold"]): e for e in RecordingModel.log}
+    for name in ("umpire", "bleep_style"):
+        # two training sections: a whole training section validates; one section: spots of it
+        assert log[(name, "patient Q")]["train"] | log[(name, "patient Q")]["validation"] == {"S0", "S1"}
+        assert len(log[(name, "patient Q")]["validation"]) == 1
+        assert log[(name, "patient P")]["train"] == log[(name, "patient P")]["validation"] == {"S2"}
+    # BLEEP-style: the shared towers with BLEEP's fixed temperature of 1; UMPIRE learns its own from 0.07
+    assert log[("bleep_style", "patient Q")]["temperature"] == pytest.approx(1.0)
+    assert log[("umpire", "patient Q")]["temperature"] != pytest.approx(0.07, abs=1e-6)
+
+
+def test_default_methods_cover_umpire_and_every_baseline():
+    assert [m.name for m in bench.default_methods("expression")] == [
+        "umpire", "bleep_style", "ridge_probe", "stnet_style", "random_reference", "mean_expression"
+    ]
+    assert "mean_expression" not in [m.name for m in bench.default_methods("retrieval")]
+    assert [m.name for m in bench.default_methods("clustering")] == ["umpire", "expression_pca", "image_features"]
+    with pytest.raises(ValueError, match="task"):
+        bench.default_methods("segmentation")
+
+
+def test_stnet_head_learns_from_image_features(synthetic):
+    df = bench.run(synthetic, methods=[bench.STNetHead(max_epochs=30), bench.RandomReference(k=20)], n_genes=10)
+    pcc = df.query("metric == 'pcc_hvg10'").groupby("method")["value"].mean()
+    assert pcc["stnet_style"] > pcc["random_reference"] + 0.1
+
+
+def test_ridge_probe_is_shared_with_the_demo():
+    from imagene._demo import ridge_probe
+
+    assert ridge_probe is bench.ridge_probe
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = x @ rng.normal(size=(5, 3))
+    np.testing.assert_allclose(ridge_probe(x, y, x[:4]), y[:4], atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# the command on real her2st sections
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def her2st_cmd(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--data", str(data_dir / "her2st"), "--encoder", "tiny", "--tile-px", "32", "--quiet",
+            "--cache", str(out / "cache")]
+    return out, args
+
+
+def test_bench_command_expression_on_real_sections(her2st_cmd, capsys):
+    out, args = her2st_cmd
+    cmd = [*args, "--task", "expression", "--sections", "C3", "C4", "--methods", "ridge_probe", "mean_expression",
+           "--out", str(out / "run1")]
+    assert bench.main(cmd) == 0
+    stdout = capsys.readouterr().out
+    assert "per fold" in stdout and "mean ± std" in stdout and "ridge_probe" in stdout
+    res = json.loads((out / "run1" / "results.json").read_text())
+    records = pd.DataFrame(res["tasks"]["expression"]["records"])
+    assert set(records["fold"]) == {"C3", "C4"} and set(records["method"]) == {"ridge_probe", "mean_expression"}
+    assert (out / "run1" / "expression.png").stat().st_size > 5000
+    assert "PCC HVG50" in (out / "run1" / "results.md").read_text()
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    assert cached == ["C3__tiny__32px__112um.npz", "C4__tiny__32px__112um.npz"]
+    # a rerun reads the cached features and reproduces the scores
+    mtimes = [p.stat().st_mtime for p in (out / "cache").iterdir()]
+    assert bench.main([*cmd[:-1], str(out / "run2")]) == 0
+    assert [p.stat().st_mtime for p in (out / "cache").iterdir()] == mtimes
+    again = pd.DataFrame(json.loads((out / "run2" / "results.json").read_text())["tasks"]["expression"]["records"])
+    keep = records["metric"] != "seconds"
+    np.testing.assert_allclose(again[keep]["value"], records[keep]["value"], equal_nan=True)
+
+
+def test_clustering_of_a1_against_pathologist_labels(her2st_cmd):
+    out, args = her2st_cmd
+    a1 = bench.read_sections(args[1], ["A1"], encoder="tiny", tile_px=32, cache=out / "cache")
+    assert a1.obs["label"].notna().sum() == 346  # every labelled spot of A1 joins its "{x}x{y}" key
+    assert a1.uns["spatial"]["A1"]["metadata"]["source_image_scale"] == pytest.approx(2000 / 6954)
+    assert (out / "cache" / "A1__tiny__32px__112um.npz").exists()
+    df = bench.run(a1, task="clustering", methods=[bench.ExpressionPCA(), bench.ImageFeatures()], seeds=[0],
+                   clustering_kwargs={"method": "gauss"})
+    got = df.set_index(["method", "metric"])["value"]
+    # pathologist regions of A1 are recovered from expression far above chance (ARI 0)
+    assert got[("expression_pca", "ari_kmeans")] > 0.15
+    assert set(df["fold"]) == {"A1"}
+
+
+def test_cli_has_bench_subcommand_and_clustering_needs_labels(capsys, tmp_path):
+    from imagene._cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--data" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="labels"):
+        main(["bench", "--task", "clustering", "--out", str(tmp_path)])
