@@ -41,15 +41,17 @@ def encode_tiles(
     import torch
 
     n = tiles.shape[0]
-    out = []
+    # preallocated output: keeping one small tensor per batch fragments the heap and made peak
+    # memory grow with the number of spots (benchmarks/bench_memory.py)
+    out = np.empty((n, encoder.n_features), dtype=np.float32)
     steps = range(0, n, batch_size)
     with torch.inference_mode():
         for start in progress(steps, total=len(steps), desc="embedding", show=show_progress_bar):
             batch = np.asarray(tiles[start : start + batch_size])
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
             x = encoder.prepare(x, input_px)
-            out.append(encoder(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.n_features), np.float32)
+            out[start : start + len(batch)] = encoder(x).float().cpu().numpy()
+    return out
 
 
 def embed_tiles(
