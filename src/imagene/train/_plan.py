@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from scvi.train import TrainingPlan
+
+from imagene.metrics import recall_at_k
 
 
 class ContrastiveTrainingPlan(TrainingPlan):
@@ -59,14 +59,7 @@ class ContrastiveTrainingPlan(TrainingPlan):
         za = torch.cat([a for a, _ in self._val_pairs])
         zb = torch.cat([b for _, b in self._val_pairs])
         self._val_pairs = []
-        self.log("recall5_validation", recall_at_fraction(za, zb, 0.05), sync_dist=self.use_sync_dist)
+        za, zb = za.float().cpu().numpy(), zb.float().cpu().numpy()
+        recall = 0.5 * (recall_at_k(za, zb, k_percent=5) + recall_at_k(zb, za, k_percent=5))
+        self.log("recall5_validation", recall, sync_dist=self.use_sync_dist)
 
-
-def recall_at_fraction(za: torch.Tensor, zb: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean over both directions of the fraction of rows whose partner ranks in the top ``fraction``."""
-    sim = za @ zb.T
-    k = max(1, math.ceil(fraction * sim.shape[0]))
-    diag = sim.diagonal()
-    rank_ab = (sim > diag[:, None]).sum(1)  # partners ranked above the true one, per query row
-    rank_ba = (sim > diag[None, :]).sum(0)
-    return 0.5 * ((rank_ab < k).float().mean() + (rank_ba < k).float().mean())
