@@ -26,3 +26,51 @@ def _synchronous_dask():
 
     with dask.config.set(scheduler="synchronous"):
         yield
+
+
+#: sections of the checks' path (every section of ../shared/data/her2st with a full-size H&E)
+CHECK_PATH_SECTIONS = ("B4", "C2", "C3", "C4")
+
+
+def _build_check_path(data_dir: Path):
+    """The path the issues' checks call, with the foundation's defaults, on real her2st sections.
+
+    Each section is read by ``read_legacy_st``, tiled and embedded with the defaults
+    (112 µm tiles at 224 px, EfficientNet-Lite0), the sections are joined with ``obs['section']``
+    and given niches by ``pp.niches(n_neighs=6, library_key='section')``.
+    Set ``IMAGENE_TEST_CACHE`` to a folder to keep the result between runs while developing.
+    """
+    import anndata as ad
+
+    import imagene as ig
+
+    cache_dir = os.environ.get("IMAGENE_TEST_CACHE")
+    cache = Path(cache_dir) / "check_path.h5ad" if cache_dir else None
+    if cache is not None and cache.exists():
+        return ad.read_h5ad(cache)
+    parts = {}
+    for s in CHECK_PATH_SECTIONS:
+        folder = data_dir / "her2st" / s
+        image = next(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png", ".tif"))
+        a = ig.io.read_legacy_st(folder / f"{s}.tsv.gz", folder / f"{s}_selection.tsv", image, library_id=s)
+        ig.pp.extract_tiles(a, show_progress_bar=False)
+        ig.pp.embed_tiles(a, show_progress_bar=False)
+        del a.obsm["imagene_tiles"]
+        parts[s] = a
+    adata = ig.io.concat(parts, section_key="section")
+    ig.pp.niches(adata, n_neighs=6, library_key="section")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(cache)
+    return adata
+
+
+@pytest.fixture(scope="session")
+def _check_path_adata(data_dir):
+    return _build_check_path(data_dir)
+
+
+@pytest.fixture
+def check_path_adata(_check_path_adata):
+    """A fresh copy of the checks' path AnnData (B4, C2, C3, C4; see ``_build_check_path``)."""
+    return _check_path_adata.copy()
