@@ -9,6 +9,9 @@ class _REGISTRY_KEYS_NT(NamedTuple):
     X_KEY: str = "X"  # same value as scvi.REGISTRY_KEYS.X_KEY
     BATCH_KEY: str = "batch"  # same value as scvi.REGISTRY_KEYS.BATCH_KEY
     IMAGE_KEY: str = "image"  # obsm features or tiles
+    NICHE_X_KEY: str = "niche_x"  # layers: niche mean counts (STAlign)
+    SPOT_TILES_KEY: str = "spot_tiles"  # obsm: small uint8 spot tiles (STAlign)
+    NICHE_IMAGE_KEY: str = "niche_image"  # obsm: frozen features of the niche tiles (STAlign)
 
 
 REGISTRY_KEYS = _REGISTRY_KEYS_NT()
@@ -26,6 +29,12 @@ class _Keys(NamedTuple):
     NICHE: str = "imagene_niche"  # obsp: <key>_connectivities / _distances, uns: <key>_neighbors, layers: <key>_mean
     PREDICTED: str = "imagene_predicted"  # layers: predicted expression
     SPLIT: str = "imagene_split"  # obs: train / validation / test
+    NUCLEI: str = "imagene_nuclei"  # obsm: (n, px, px) nuclei density maps from H&E deconvolution (pp.nuclei_maps)
+    GENE_EMBEDDING: str = "imagene_gene_embedding"  # varm: per-gene embeddings (AlignST.get_gene_embedding)
+    TILE_GRAPHS: str = "imagene_tile_graphs"  # obs: <key>_tile, obsm: <key>_blocks, obsp: <key>_connectivities / _distances, uns: tile table (pp.tile_graphs)
+    SPOT_TILES: str = "imagene_spot_tiles"  # obsm: small uint8 spot tiles, uns: provenance (STAlign.setup_anndata)
+    NICHE_FEATURES_PREFIX: str = "X_he_niche_"  # obsm: frozen niche-tile features X_he_niche_<encoder>, uns: provenance (STAlign)
+    TILE_CROPS: str = "imagene_tile_crops"  # uns: multi-crop patch features per block grid (pp.embed_tile_crops)
 
 
 KEYS = _Keys()

@@ -20,6 +20,7 @@ from imagene.bench._data import read_sections
 from imagene.bench._methods import FoldContext, ImageneModel, Method, bleep_style
 from imagene.bench._report import per_fold_table, plot_results, summary_table, write_results
 from imagene.bench._runner import default_methods, run, summarize
+from imagene.bench._zero_shot import zero_shot
 
 __all__ = [
     "ExpressionPCA",
@@ -42,4 +43,5 @@ __all__ = [
     "summarize",
     "summary_table",
     "write_results",
+    "zero_shot",
 ]

@@ -1,6 +1,10 @@
 """User-facing models (scvi-tools style: setup_anndata, train, get_latent_representation, save/load)."""
 
+from imagene.model._alignst import AlignST
 from imagene.model._base import AlignmentMixin
+from imagene.model._pretrain import GeneEncoderPretrainer
+from imagene.model._sigmma import SIGMMA
+from imagene.model._stalign import STAlign
 from imagene.model._umpire import UMPIRE
 
-__all__ = ["UMPIRE", "AlignmentMixin"]
+__all__ = ["AlignST", "SIGMMA", "STAlign", "UMPIRE", "AlignmentMixin", "GeneEncoderPretrainer"]

@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import REGISTRY_KEYS
-from imagene._utils import check_adata, get_counts
+from imagene._utils import check_adata, get_counts, log_normalize, warn
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
 from imagene.train import ContrastiveTrainingPlan, RestoreBestWeights
@@ -26,10 +27,24 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Image-gene alignment by two towers and a symmetric contrastive loss (UMPIRE).
 
     An image tower (an MLP on frozen tile features from ``obsm``, or a backbone on tiles) and a
-    gene tower (an MLP on log-normalised counts) are projected to a shared space and aligned
-    with a symmetric InfoNCE loss with a learnable temperature. Expression is predicted from the
-    image alone by query-reference retrieval over the training spots
-    (:meth:`predict_expression`).
+    gene tower (an MLP on log-normalised counts, or a rank-token transformer, optionally
+    pre-trained by masked-gene modelling with :class:`imagene.model.GeneEncoderPretrainer`) are
+    projected to a shared space and aligned with a symmetric InfoNCE loss with a learnable
+    temperature. Expression is predicted from the image alone by query-reference retrieval over
+    the training spots (:meth:`predict_expression`).
+
+    The variants of the UMPIRE paper (Han et al.):
+
+    - ``mode='finetune'`` (UMPIRE-FINETUNE): every parameter trains; the towers end in MLP heads.
+    - ``mode='adapter'`` (UMPIRE-ADAPTER): the gene encoder and the image backbone are frozen;
+      each side gets two trainable linear layers with a ReLU (:func:`imagene.module.adapter`).
+      With frozen ``obsm`` features the image encoder is already frozen, so the image side is
+      LayerNorm + adapter.
+    - ``objective='rec'`` (UMPIRE-REC): no gene tower and no contrastive loss; the image
+      embedding reconstructs the ``log1p`` CP10k expression of the ``n_rec_genes`` most variable
+      genes (MSE). Its latent is the image embedding (``modality='joint'`` gives it too,
+      ``'gene'`` is refused), its reference bank holds the training spots' image embeddings and
+      early stopping watches ``validation_loss``.
 
     Parameters
     ----------
@@ -52,6 +67,27 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         (``None`` when it holds frozen features).
     freeze_image_encoder
         Keep that backbone frozen (adapter) or fine-tune it.
+    gene_encoder
+        ``'mlp'`` (default) or ``'rank_transformer'`` (:func:`imagene.nn.get_gene_encoder`). Without
+        weights, the rank transformer ranks genes by CP10k divided by their mean over the
+        non-zero spots of ``adata``; with weights, by the corpus means stored with them.
+    gene_encoder_weights
+        Path of a pre-trained rank transformer (:meth:`imagene.model.GeneEncoderPretrainer.save`);
+        its vocabulary and corpus means travel with it, genes of ``adata`` outside its vocabulary
+        are never tokens. The file must still exist when the model is loaded again.
+    mode
+        ``'adapter'`` or ``'finetune'``; default ``'adapter'`` with ``gene_encoder_weights`` (the
+        pre-trained encoder is kept as pre-trained and training is cheap) and ``'finetune'``
+        without (a randomly initialised encoder has to learn).
+    objective
+        ``'contrastive'`` (default) or ``'rec'`` (UMPIRE-REC, see above).
+    n_rec_genes
+        Genes reconstructed by ``objective='rec'``: the most variable ``log1p`` CP10k genes of
+        ``adata`` (1500 in the paper).
+    gene_encoder_kwargs
+        Gene encoder settings passed to :func:`imagene.nn.get_gene_encoder` (for the rank
+        transformer without weights: ``n_tokens`` (128), ``d_model`` (64), ``n_layers`` (2),
+        ``n_heads`` (4), ``pooling``).
     **module_kwargs
         Passed to :class:`imagene.module.UMPIREModule`.
 
@@ -62,6 +98,8 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     >>> model.train(max_epochs=50)
     >>> adata.obsm["X_imagene_joint"] = model.get_latent_representation(modality="joint")
     >>> pred = model.predict_expression(query, k=50)
+    >>> # rank-token gene encoder, pre-trained weights, adapter mode
+    >>> model = imagene.model.UMPIRE(adata, gene_encoder="rank_transformer", gene_encoder_weights="gene_encoder.pt")
     """
 
     _module_cls = UMPIREModule
@@ -78,14 +116,61 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         learn_temperature: bool = True,
         image_encoder: str | None = None,
         freeze_image_encoder: bool = True,
+        gene_encoder: str = "mlp",
+        gene_encoder_weights: str | None = None,
+        mode: str | None = None,
+        objective: str = "contrastive",
+        n_rec_genes: int = 1500,
+        gene_encoder_kwargs: dict | None = None,
         **module_kwargs: Any,
     ) -> None:
+        from imagene.module._umpire import MODES, OBJECTIVES
+        from imagene.nn import list_gene_encoders
+
+        if gene_encoder not in list_gene_encoders():
+            raise ValueError(f"Unknown gene_encoder {gene_encoder!r}; choose one of {list_gene_encoders()}.")
+        if gene_encoder_weights is not None and gene_encoder != "rank_transformer":
+            raise ValueError(
+                "gene_encoder_weights are rank-transformer weights (GeneEncoderPretrainer.save); pass "
+                "gene_encoder='rank_transformer' with them."
+            )
+        if mode is None:
+            mode = "adapter" if gene_encoder_weights is not None else "finetune"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}; got {objective!r}.")
+        if objective == "rec" and gene_encoder_weights is not None:
+            raise ValueError("objective='rec' has no gene tower, so gene_encoder_weights would be unused; drop them.")
         super().__init__(adata)
         image_shape = self.adata_manager.get_from_registry(REGISTRY_KEYS.IMAGE_KEY).shape
         if len(image_shape) == 4 and image_encoder is None:
             raise ValueError(
                 f"adata.obsm[{self.image_key!r}] holds tiles {tuple(image_shape)}: pass `image_encoder=` (e.g. 'tiny', "
                 "'efficientnet_lite0') to train on tiles, or set up with frozen features from `imagene.pp.embed_tiles`."
+            )
+        ge_kwargs = dict(gene_encoder_kwargs or {})
+        rec_genes = None
+        counts = None
+        if objective == "rec" or (gene_encoder == "rank_transformer" and gene_encoder_weights is None):
+            counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        if objective == "contrastive" and gene_encoder == "rank_transformer":
+            if gene_encoder_weights is not None:
+                ge_kwargs.update(weights=str(gene_encoder_weights), genes=list(self.adata.var_names))
+            else:
+                ge_kwargs.setdefault("gene_means", nonzero_gene_means(counts))
+                ge_kwargs.setdefault("n_tokens", 128)
+        if objective == "rec":
+            from imagene.metrics import top_variable_genes
+
+            n_rec = int(min(n_rec_genes, self.summary_stats.n_vars))
+            if n_rec < 1:
+                raise ValueError(f"n_rec_genes must be >= 1; got {n_rec_genes}.")
+            rec_genes = np.sort(top_variable_genes(log_normalize(counts), n_rec))
+        if mode == "adapter" and gene_encoder_weights is None and objective == "contrastive":
+            warn(
+                "mode='adapter' freezes a randomly initialised gene encoder; pass `gene_encoder_weights=` from "
+                "GeneEncoderPretrainer, or use mode='finetune'."
             )
         self.module = self._module_cls(
             n_genes=self.summary_stats.n_vars,
@@ -98,13 +183,20 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             learn_temperature=learn_temperature,
             image_encoder=image_encoder,
             freeze_image_encoder=freeze_image_encoder,
+            gene_encoder=gene_encoder,
+            gene_encoder_kwargs=ge_kwargs,
+            mode=mode,
+            objective=objective,
+            rec_genes=rec_genes,
             **module_kwargs,
         )
+        self.rec_genes_ = None if rec_genes is None else self.adata.var_names[rec_genes].to_numpy()
         self.reference_latent_ = None
         self.reference_expression_ = None
         self._model_summary_string = (
             f"UMPIRE: {self.summary_stats.n_vars} genes, image input {self.image_key!r}, n_latent={n_latent}, "
-            f"n_hidden={n_hidden}, n_layers={n_layers}, temperature={temperature}"
+            f"n_hidden={n_hidden}, n_layers={n_layers}, temperature={temperature}, gene_encoder={gene_encoder!r}"
+            f"{' (pre-trained)' if gene_encoder_weights else ''}, mode={mode!r}, objective={objective!r}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -201,7 +293,8 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
         With a ``batch_key`` of several sections, whole sections are held out for validation
         (``validation_sections``, default: the last section) and early stopping watches
-        ``recall5_validation`` (image→gene and gene→image retrieval over the whole validation
+        ``recall5_validation`` (``validation_loss`` with ``objective='rec'``)
+        (image→gene and gene→image retrieval over the whole validation
         set; the InfoNCE loss rises with over-confidence long before retrieval stops improving);
         with one section, 10 % of spots are held out at random (fine for early stopping, not for
         evaluation).
@@ -249,14 +342,17 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             n_train = int(0.9 * self.adata.n_obs)
         batch_size = int(min(batch_size, max(2, n_train)))
         datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
+        monitor, monitor_mode = ("recall5_validation", "max")
+        if self.module.objective == "rec":
+            monitor, monitor_mode = ("validation_loss", "min")
         if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "recall5_validation")
-            trainer_kwargs.setdefault("early_stopping_mode", "max")
+            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
+            trainer_kwargs.setdefault("early_stopping_mode", monitor_mode)
             trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         if restore_best_weights:
             callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-            callbacks.append(RestoreBestWeights(monitor="recall5_validation", mode="max"))
+            callbacks.append(RestoreBestWeights(monitor=monitor, mode=monitor_mode))
             trainer_kwargs["callbacks"] = callbacks
         trainer_kwargs.setdefault("enable_checkpointing", False)
         super().train(
@@ -270,3 +366,47 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             **trainer_kwargs,
         )
         self._build_reference()
+
+    # ---- UMPIRE-REC has no gene tower: its latent and reference bank are image embeddings
+    def _embed(self, adata: AnnData, modality: str, indices, batch_size: int) -> np.ndarray:
+        if self.module.objective == "rec":
+            if modality == "gene":
+                raise ValueError(
+                    "This UMPIRE was trained with objective='rec' (image → expression reconstruction) and has no gene "
+                    "embedding; use modality='image' (or 'joint', the same embedding for this model)."
+                )
+            modality = "image"
+        return super()._embed(adata, modality, indices, batch_size)
+
+    def _build_reference(self, batch_size: int = 512) -> None:
+        if self.module.objective != "rec":
+            return super()._build_reference(batch_size)
+        self.reference_latent_ = self._embed(self.adata, "image", None, batch_size).astype(np.float32)
+        self.reference_expression_ = sp.csr_matrix(log_normalize(self._gene_input(self.adata)))
+        return None
+
+
+def nonzero_gene_means(counts: Any, target_sum: float = 1e4) -> np.ndarray:
+    """Mean CP10k expression of each gene over the spots where it is detected (1 for never-detected genes).
+
+    The rank tokenizer divides a spot's CP10k by these means before sorting genes
+    (:class:`imagene.nn.RankTokenizer`).
+
+    Parameters
+    ----------
+    counts
+        (n_obs, n_genes) raw counts (dense or sparse).
+    target_sum
+        Library size after normalisation.
+
+    Returns
+    -------
+    (n_genes,) float64 means.
+    """
+    x = sp.csr_matrix(counts, dtype=np.float64)
+    lib = np.asarray(x.sum(1)).ravel()
+    lib[lib == 0] = 1.0
+    x = sp.diags(target_sum / lib) @ x
+    nnz = np.asarray((x > 0).sum(0)).ravel()
+    total = np.asarray(x.sum(0)).ravel()
+    return np.where(nnz > 0, total / np.maximum(nnz, 1), 1.0)

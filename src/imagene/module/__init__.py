@@ -1,5 +1,30 @@
 """Torch-only modules of each model (no AnnData)."""
 
-from imagene.module._umpire import ImageTower, UMPIREModule
+from imagene.module._alignst import (
+    AlignSTModule,
+    GeneSemanticGraph,
+    GenomicPrompter,
+    NucleiCNN,
+    NucleiFusion,
+    SAGERefiner,
+    mse_pcc_loss,
+)
+from imagene.module._sigmma import SIGMMAModule
+from imagene.module._stalign import STAlignModule
+from imagene.module._umpire import AdaptedEncoder, ImageTower, UMPIREModule, adapter
 
-__all__ = ["ImageTower", "UMPIREModule"]
+__all__ = [
+    "AlignSTModule",
+    "GeneSemanticGraph",
+    "GenomicPrompter",
+    "NucleiCNN",
+    "NucleiFusion",
+    "SAGERefiner",
+    "mse_pcc_loss",
+    "ImageTower",
+    "SIGMMAModule",
+    "STAlignModule",
+    "UMPIREModule",
+    "AdaptedEncoder",
+    "adapter",
+]

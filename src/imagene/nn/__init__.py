@@ -3,18 +3,48 @@
 Nothing here imports anndata.
 """
 
+from imagene.nn._gene_transformer import (
+    GeneVocabulary,
+    RankTokenizer,
+    RankTransformerGeneEncoder,
+    get_gene_encoder,
+    list_gene_encoders,
+    load_gene_encoder,
+    mask_tokens,
+    register_gene_encoder,
+)
+from imagene.nn._graph import GumbelEdgeSampler, MultiScaleGraphEncoder, gumbel_sigmoid
+from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._image import ImageEncoder
 from imagene.nn._losses import LogitScale, info_nce
 from imagene.nn._mlp import MLP, GeneMLPEncoder
 from imagene.nn._registry import get_image_encoder, list_image_encoders, register_image_encoder
+from imagene.nn._text import TextEncoder, get_text_encoder, minilm_path
 
 __all__ = [
+    "ABFN",
+    "ConcatFusion",
+    "NicheGeneTransformer",
     "MLP",
     "GeneMLPEncoder",
+    "GumbelEdgeSampler",
+    "GeneVocabulary",
+    "RankTokenizer",
+    "RankTransformerGeneEncoder",
+    "get_gene_encoder",
+    "list_gene_encoders",
+    "load_gene_encoder",
+    "mask_tokens",
+    "register_gene_encoder",
     "ImageEncoder",
     "LogitScale",
+    "MultiScaleGraphEncoder",
     "get_image_encoder",
+    "gumbel_sigmoid",
     "info_nce",
     "list_image_encoders",
     "register_image_encoder",
+    "TextEncoder",
+    "get_text_encoder",
+    "minilm_path",
 ]
