@@ -18,7 +18,7 @@ contrastive.
 
 Usage (from the repository root)::
 
-    PYTHONPATH=src python benchmarks/umpire_variants.py --stage pretrain --epochs 2
+    PYTHONPATH=src python benchmarks/umpire_variants.py --stage pretrain --epochs 15
     PYTHONPATH=src python benchmarks/umpire_variants.py --stage variants --max-epochs 20
 """
 
@@ -170,12 +170,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--stage", choices=["pretrain", "variants"], default="pretrain")
     p.add_argument("--held-out-patients", default="H")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--n-tokens", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--min-spots", type=int, default=50)
+    p.add_argument("--min-spots", type=int, default=2000)
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--tasks", nargs="+", default=["expression", "probe"])
     args = p.parse_args()

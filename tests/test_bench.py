@@ -297,6 +297,31 @@ def test_imagene_models_plug_in_and_validate_on_training_spots(synthetic):
     assert log[("umpire", "patient Q")]["temperature"] != pytest.approx(0.07, abs=1e-6)
 
 
+class TwoPredictions(Method):
+    """One fit, two predictions: the training mean and the mean plus one (a different, worse prediction)."""
+
+    name, tasks = "two", ("expression",)
+
+    def fit(self, train, *, ctx):
+        self.mean_ = _log1p_cp10k(train.layers[ctx.layer][:, train.var_names.get_indexer(ctx.genes)]).mean(0)
+
+    def predict_expression(self, test):
+        base = np.tile(self.mean_, (test.n_obs, 1))
+        return {"mean": base, "shifted": base + 1.0}
+
+
+def test_several_predictions_of_one_fit_are_scored_under_their_own_names(synthetic):
+    df = bench.run(synthetic, methods=[TwoPredictions(), MeanExpression()], n_genes=10)
+    assert {"two[mean]", "two[shifted]", "mean_expression"} <= set(df["method"])
+    mse = df[df["metric"] == "mse_hvg10"].pivot(index="fold", columns="method", values="value")
+    # the first prediction is the mean floor itself; shifting every value by 1 adds ~1 to the MSE
+    np.testing.assert_allclose(mse["two[mean]"], mse["mean_expression"], rtol=1e-6)
+    assert (mse["two[shifted]"] > mse["two[mean]"] + 0.5).all()
+    # an ImageneModel maps result keys to arguments of the model's predict_expression
+    m = bench.ImageneModel(predictions={"k5": {"k": 5}, "uniform": {"weighting": "uniform"}})
+    assert m.predictions == {"k5": {"k": 5}, "uniform": {"weighting": "uniform"}}
+
+
 def test_default_methods_cover_umpire_and_every_baseline():
     assert [m.name for m in bench.default_methods("expression")] == [
         "umpire", "bleep_style", "ridge_probe", "stnet_style", "random_reference", "mean_expression"

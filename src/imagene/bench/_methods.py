@@ -193,6 +193,11 @@ class ImageneModel(Method):
         Tasks to take part in.
     clustering_modalities
         Latents clustered in the clustering task.
+    predictions
+        Several predictions of one trained model, scored as ``name[key]``: a mapping of result key
+        to extra arguments of ``model.predict_expression`` (e.g. ``{"reference": {}, "probe":
+        {"method": "probe"}}`` for :class:`imagene.model.STAlign`). ``None``: one prediction,
+        scored as ``name``.
 
     Examples
     --------
@@ -211,6 +216,7 @@ class ImageneModel(Method):
         weighting: str = "similarity",
         tasks: Sequence[str] = TASKS,
         clustering_modalities: Sequence[str] = ("joint", "image"),
+        predictions: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         if model_cls is None:
             from imagene.model import UMPIRE
@@ -224,6 +230,7 @@ class ImageneModel(Method):
         self.weighting = weighting
         self.tasks = tuple(tasks)
         self.clustering_modalities = tuple(clustering_modalities)
+        self.predictions = None if predictions is None else {str(k): dict(v) for k, v in predictions.items()}
         self.model_ = None
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
@@ -263,11 +270,17 @@ class ImageneModel(Method):
 
         Returns
         -------
-        (n_test, n_genes) ``log1p`` CP10k predictions.
+        (n_test, n_genes) ``log1p`` CP10k predictions; with ``predictions``, a dict of them by result key.
         """
-        return np.asarray(
-            self._model().predict_expression(test, k=self.k, weighting=self.weighting, return_numpy=True)
-        )
+        model = self._model()
+
+        def predict(**extra: Any) -> np.ndarray:
+            kw = {"k": self.k, "weighting": self.weighting, "return_numpy": True, **extra}
+            return np.asarray(model.predict_expression(test, **kw))
+
+        if self.predictions is None:
+            return predict()
+        return {key: predict(**extra) for key, extra in self.predictions.items()}
 
     def embed(self, adata: AnnData, modality: str) -> np.ndarray:
         """The model's L2-normalised latent of ``adata`` in ``modality``.

@@ -625,15 +625,21 @@ def _score(
     clustering_kwargs: dict[str, Any],
 ) -> list[tuple[str, str, float]]:
     if task == "expression":
-        pred = np.asarray(method.predict_expression(test_blind.copy()), dtype=np.float64)
-        if pred.shape != y_test.shape:
-            raise ValueError(
-                f"Method {method.name!r} returned predictions of shape {pred.shape}; expected {y_test.shape} "
-                "(held-out spots x ctx.genes, in that order)."
-            )
-        if not np.isfinite(pred).all():
-            raise ValueError(f"Method {method.name!r} returned NaN or inf predictions.")
-        return [(method.name, m, v) for m, v in _expression_rows(y_test, pred, ctx)]
+        out = method.predict_expression(test_blind.copy())
+        # a method may return several predictions of one fit, as {key: array}, scored as "name[key]"
+        preds = {f"{method.name}[{k}]": v for k, v in out.items()} if isinstance(out, dict) else {method.name: out}
+        rows = []
+        for name, pred in preds.items():
+            pred = np.asarray(pred, dtype=np.float64)
+            if pred.shape != y_test.shape:
+                raise ValueError(
+                    f"Method {name!r} returned predictions of shape {pred.shape}; expected {y_test.shape} "
+                    "(held-out spots x ctx.genes, in that order)."
+                )
+            if not np.isfinite(pred).all():
+                raise ValueError(f"Method {name!r} returned NaN or inf predictions.")
+            rows += [(name, m, v) for m, v in _expression_rows(y_test, pred, ctx)]
+        return rows
     if task == "retrieval":
         zi = np.asarray(method.embed(test_blind.copy(), "image"))
         zg = np.asarray(method.embed(test_full.copy(), "gene"))

@@ -46,6 +46,112 @@ class AlignmentMixin:
         """Genes of the model's gene tower, in order."""
         return pd.Index(self.get_var_names())
 
+    def _validation_mask(self, validation_sections: Sequence[str] | None) -> np.ndarray | None:
+        """Boolean mask of the spots of the validation sections, or ``None`` with fewer than two sections.
+
+        The default holds out the last section (in category order) of ``batch_key``.
+        """
+        batch_key = self._setup_args.get("batch_key")
+        if batch_key is None:
+            return None
+        sections = pd.Categorical(self.adata.obs[batch_key].astype(str))
+        cats = list(sections.categories)
+        if len(cats) < 2:
+            return None
+        validation_sections = [cats[-1]] if validation_sections is None else list(validation_sections)
+        unknown = set(validation_sections) - set(cats)
+        if unknown:
+            raise ValueError(f"validation_sections {sorted(unknown)} not in adata.obs[{batch_key!r}] ({cats}).")
+        if set(validation_sections) == set(cats):
+            raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
+        logger.info("Validating on held-out section(s) %s", validation_sections)
+        return np.isin(np.asarray(sections), validation_sections)
+
+    def _section_split(self, validation_sections: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Train and validation spot indices by section (``None``: no sections to split by)."""
+        is_val = self._validation_mask(validation_sections)
+        return None if is_val is None else (np.flatnonzero(~is_val), np.flatnonzero(is_val))
+
+    @staticmethod
+    def _monitoring_kwargs(
+        trainer_kwargs: dict,
+        *,
+        early_stopping: bool,
+        early_stopping_patience: int,
+        restore_best_weights: bool,
+        monitor: str = "recall5_validation",
+        mode: str = "max",
+    ) -> dict:
+        """Trainer settings shared by every model: validation each epoch, early stopping, best weights."""
+        from imagene.train import RestoreBestWeights
+
+        trainer_kwargs = dict(trainer_kwargs)
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
+            trainer_kwargs.setdefault("early_stopping_mode", mode)
+            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if restore_best_weights:
+            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+            callbacks.append(RestoreBestWeights(monitor=monitor, mode=mode))
+            trainer_kwargs["callbacks"] = callbacks
+        trainer_kwargs.setdefault("enable_checkpointing", False)
+        return trainer_kwargs
+
+    def _train_spots(
+        self,
+        max_epochs: int,
+        *,
+        plan_kwargs: dict,
+        batch_size: int,
+        validation_sections: Sequence[str] | None,
+        early_stopping: bool,
+        early_stopping_patience: int,
+        restore_best_weights: bool,
+        accelerator: str,
+        devices: int | list[int] | str,
+        datasplitter_kwargs: dict | None,
+        monitor: tuple[str, str] = ("recall5_validation", "max"),
+        **trainer_kwargs,
+    ) -> None:
+        """Spot-level training with scvi-tools' runner: whole sections held out for validation.
+
+        With a ``batch_key`` of several sections the validation spots are those of
+        ``validation_sections`` (default the last section); with one section 10 % of the spots
+        are held out at random. Batches never exceed the training spots; the last incomplete
+        batch is dropped (InfoNCE needs full batches of negatives).
+        """
+        from scvi.model.base import UnsupervisedTrainingMixin
+
+        datasplitter_kwargs = dict(datasplitter_kwargs or {})
+        split = self._section_split(validation_sections)
+        n_train = self.adata.n_obs
+        if split is not None and "external_indexing" not in datasplitter_kwargs:
+            datasplitter_kwargs["external_indexing"] = [split[0], split[1], np.array([], dtype=int)]
+            n_train = len(split[0])
+        elif split is None:
+            trainer_kwargs.setdefault("train_size", 0.9)
+            n_train = int(0.9 * self.adata.n_obs)
+        batch_size = int(min(batch_size, max(2, n_train)))
+        datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
+        trainer_kwargs = self._monitoring_kwargs(
+            trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            restore_best_weights=restore_best_weights, monitor=monitor[0], mode=monitor[1],
+        )
+        # Lightning keeps the mode modules are in: a model used for inference before is in eval mode
+        self.module.train()
+        UnsupervisedTrainingMixin.train(
+            self,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+
     def _check_trained(self) -> None:
         if not self.is_trained_:
             raise RuntimeError(f"The {type(self).__name__} model is not trained yet. Call `model.train()` first.")

@@ -345,6 +345,8 @@ class GeneEncoderPretrainer:
             num_sanity_val_steps=trainer_kwargs.pop("num_sanity_val_steps", 0),
             **trainer_kwargs,
         )
+        self.encoder.train()  # Lightning keeps the mode modules are in (evaluate() leaves them in eval)
+        self.mlm_head.train()
         trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
         self.encoder.cpu().eval()
         self.mlm_head.cpu().eval()

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -19,7 +18,7 @@ from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize
 from imagene.model._base import AlignmentMixin
 from imagene.module._sigmma import SCALES, SIGMMAModule
-from imagene.train import ContrastiveTrainingPlan, RestoreBestWeights
+from imagene.train import ContrastiveTrainingPlan
 
 logger = logging.getLogger("imagene")
 
@@ -375,21 +374,11 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
     # ---- training
     def _tile_split(self, data: _TileData, validation_sections: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
         tiles = np.asarray(data.node_tiles)
-        batch_key = self._setup_args.get("batch_key")
         rng = np.random.default_rng(settings.seed)
-        if batch_key is not None and self.adata.obs[batch_key].nunique() > 1:
-            sections = pd.Categorical(self.adata.obs[batch_key].astype(str))
-            cats = list(sections.categories)
-            validation_sections = [cats[-1]] if validation_sections is None else list(validation_sections)
-            unknown = set(validation_sections) - set(cats)
-            if unknown:
-                raise ValueError(f"validation_sections {sorted(unknown)} not in adata.obs[{batch_key!r}] ({cats}).")
-            if set(validation_sections) == set(cats):
-                raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
-            node_val = np.isin(np.asarray(sections), validation_sections)
+        node_val = self._validation_mask(validation_sections)
+        if node_val is not None:
             tile_val = np.zeros(data.n_tiles, bool)
             tile_val[data.tile_of[node_val]] = True
-            logger.info("Validating on held-out section(s) %s", validation_sections)
             return tiles[~tile_val[tiles]], tiles[tile_val[tiles]]
         n_val = max(2, int(round(0.1 * len(tiles)))) if len(tiles) >= 8 else 0
         perm = rng.permutation(tiles)
@@ -464,20 +453,16 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             early_stopping, restore_best_weights = False, False
         plan_kwargs = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
         plan = self._training_plan_cls(self.module, **plan_kwargs)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "recall5_validation")
-            trainer_kwargs.setdefault("early_stopping_mode", "max")
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        if has_val:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        else:
+        if not has_val:
             trainer_kwargs.setdefault("limit_val_batches", 0)
-        if restore_best_weights:
-            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-            callbacks.append(RestoreBestWeights(monitor="recall5_validation", mode="max"))
-            trainer_kwargs["callbacks"] = callbacks
-        trainer_kwargs.setdefault("enable_checkpointing", False)
+        trainer_kwargs = self._monitoring_kwargs(
+            trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            restore_best_weights=restore_best_weights,
+        )
+        if not has_val:
+            trainer_kwargs.pop("check_val_every_n_epoch")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        self.module.train()  # Lightning keeps the mode a module is in
         runner = TrainRunner(
             self, training_plan=plan, data_splitter=dm, max_epochs=max_epochs, accelerator=accelerator,
             devices=devices, early_stopping=early_stopping, **trainer_kwargs,

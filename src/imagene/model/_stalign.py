@@ -21,10 +21,9 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._utils import check_adata, get_counts, log_normalize, progress, save_key, warn
 from imagene.model._base import AlignmentMixin
-from imagene.model._umpire import UMPIRE
 from imagene.module._stalign import STAlignModule
 from imagene.pp._niches import niche_mean_operator
-from imagene.train import ContrastiveTrainingPlan, RestoreBestWeights
+from imagene.train import ContrastiveTrainingPlan
 
 logger = logging.getLogger("imagene")
 
@@ -556,36 +555,11 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             "warmup_fraction": warmup_fraction,
             **(plan_kwargs or {}),
         }
-        datasplitter_kwargs = dict(datasplitter_kwargs or {})
-        split = UMPIRE._section_split(self, validation_sections)
-        n_train = self.adata.n_obs
-        if split is not None and "external_indexing" not in datasplitter_kwargs:
-            datasplitter_kwargs["external_indexing"] = [split[0], split[1], np.array([], dtype=int)]
-            n_train = len(split[0])
-        elif split is None:
-            trainer_kwargs.setdefault("train_size", 0.9)
-            n_train = int(0.9 * self.adata.n_obs)
-        batch_size = int(min(batch_size, max(2, n_train)))
-        datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "recall5_validation")
-            trainer_kwargs.setdefault("early_stopping_mode", "max")
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        if restore_best_weights:
-            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-            callbacks.append(RestoreBestWeights(monitor="recall5_validation", mode="max"))
-            trainer_kwargs["callbacks"] = callbacks
-        trainer_kwargs.setdefault("enable_checkpointing", False)
-        super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
+        self._train_spots(
+            max_epochs, plan_kwargs=plan_kwargs, batch_size=batch_size, validation_sections=validation_sections,
+            early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            restore_best_weights=restore_best_weights, accelerator=accelerator, devices=devices,
+            datasplitter_kwargs=datasplitter_kwargs, **trainer_kwargs,
         )
         self._build_reference()
         if probe_epochs > 0:

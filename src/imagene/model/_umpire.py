@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -18,7 +17,7 @@ from imagene._constants import REGISTRY_KEYS
 from imagene._utils import check_adata, get_counts, log_normalize, warn
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
-from imagene.train import ContrastiveTrainingPlan, RestoreBestWeights
+from imagene.train import ContrastiveTrainingPlan
 
 logger = logging.getLogger("imagene")
 
@@ -251,27 +250,6 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
-    def _section_split(
-        self, validation_sections: Sequence[str] | None
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        batch_key = self._setup_args.get("batch_key")
-        if batch_key is None:
-            return None
-        sections = pd.Categorical(self.adata.obs[batch_key].astype(str))
-        cats = list(sections.categories)
-        if len(cats) < 2:
-            return None
-        if validation_sections is None:
-            validation_sections = [cats[-1]]
-        unknown = set(validation_sections) - set(cats)
-        if unknown:
-            raise ValueError(f"validation_sections {sorted(unknown)} not in adata.obs[{batch_key!r}] ({cats}).")
-        if set(validation_sections) == set(cats):
-            raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
-        is_val = np.isin(np.asarray(sections), list(validation_sections))
-        logger.info("Validating on held-out section(s) %s", list(validation_sections))
-        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
     def train(
         self,
         max_epochs: int = 100,
@@ -331,39 +309,12 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             ``num_nodes``, ``logger``, ``default_root_dir``).
         """
         plan_kwargs = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
-        datasplitter_kwargs = dict(datasplitter_kwargs or {})
-        split = self._section_split(validation_sections)
-        n_train = self.adata.n_obs
-        if split is not None and "external_indexing" not in datasplitter_kwargs:
-            datasplitter_kwargs["external_indexing"] = [split[0], split[1], np.array([], dtype=int)]
-            n_train = len(split[0])
-        elif split is None:
-            trainer_kwargs.setdefault("train_size", 0.9)
-            n_train = int(0.9 * self.adata.n_obs)
-        batch_size = int(min(batch_size, max(2, n_train)))
-        datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
-        monitor, monitor_mode = ("recall5_validation", "max")
-        if self.module.objective == "rec":
-            monitor, monitor_mode = ("validation_loss", "min")
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
-            trainer_kwargs.setdefault("early_stopping_mode", monitor_mode)
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        if restore_best_weights:
-            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-            callbacks.append(RestoreBestWeights(monitor=monitor, mode=monitor_mode))
-            trainer_kwargs["callbacks"] = callbacks
-        trainer_kwargs.setdefault("enable_checkpointing", False)
-        super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
+        monitor = ("validation_loss", "min") if self.module.objective == "rec" else ("recall5_validation", "max")
+        self._train_spots(
+            max_epochs, plan_kwargs=plan_kwargs, batch_size=batch_size, validation_sections=validation_sections,
+            early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            restore_best_weights=restore_best_weights, accelerator=accelerator, devices=devices,
+            datasplitter_kwargs=datasplitter_kwargs, monitor=monitor, **trainer_kwargs,
         )
         self._build_reference()
 

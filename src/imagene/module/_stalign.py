@@ -37,7 +37,9 @@ class _TileEncoder(nn.Module):
         self.input_px = input_px
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.backbone.prepare(tiles, self.input_px))
+        # Spot tiles are uint8 RGB by contract (obsm), but the training data loader hands them over
+        # as float32 in 0-255: scale by 255 whatever the dtype so that training and inference agree.
+        return self.backbone(self.backbone.prepare(tiles.float() / 255.0, self.input_px))
 
 
 class STAlignModule(BaseModuleClass):

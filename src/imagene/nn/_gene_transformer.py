@@ -193,7 +193,7 @@ class RankTokenizer:
             )
         n_unknown = int((~known).sum())
         if n_unknown:
-            logger.info("%d of %d genes are not in the gene vocabulary and are never tokens", n_unknown, len(ids))
+            logger.debug("%d of %d genes are not in the gene vocabulary and are never tokens", n_unknown, len(ids))
         return ids, scale
 
     def tokenize(self, counts: Any, genes: Sequence[str], *, batch_size: int = 1024) -> torch.Tensor:
