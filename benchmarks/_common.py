@@ -169,6 +169,12 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
+def frame_table(df, *, index: bool = True, digits: int = 3) -> str:
+    """:func:`table` of a pandas DataFrame (numbers rounded), without pandas' optional ``tabulate``."""
+    df = df.round(digits).reset_index() if index else df.round(digits)
+    return table(df.astype(str).to_dict(orient="records"), [str(c) for c in df.columns])
+
+
 def write(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
     """Write ``payload`` to ``<out>/<name>.json``."""
     out.mkdir(parents=True, exist_ok=True)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import imagene as ig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import frame_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "her2st"
@@ -73,11 +76,10 @@ def main() -> None:
             for n, kw in ABLATIONS.items()
         ]
         df = ig.bench.run(adata, task="expression", methods=methods, max_epochs=args.max_epochs, seeds=args.seeds)
-    table = ig.bench.summarize(df)
-    path = out / f"stalign_{args.task}.md"
-    path.write_text(table.to_markdown() if hasattr(table, "to_markdown") else str(table))
     df.to_csv(out / f"stalign_{args.task}.csv", index=False)
-    print(table.to_string())
+    summary = ig.bench.summarize(df)
+    (out / f"stalign_{args.task}.md").write_text(frame_table(summary) + "\n")
+    print(frame_table(summary))
 
 
 if __name__ == "__main__":

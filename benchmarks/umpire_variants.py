@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import anndata as ad  # noqa: E402
 
 import imagene as ig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import frame_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -143,7 +147,7 @@ def variants(args) -> None:
         df = ig.bench.run(adata, task="expression", methods=methods, max_epochs=args.max_epochs, seeds=[0])
         df.to_csv(OUT / "umpire_variants_expression.csv", index=False)
         table = ig.bench.summarize(df)
-        (OUT / "umpire_variants_expression.md").write_text(table.to_markdown())
+        (OUT / "umpire_variants_expression.md").write_text(frame_table(table) + "\n")
         print(table.to_string())
     if "probe" in args.tasks:
         a1 = ig.bench.read_sections(DATA / "her2st", ["A1"], cache=cache)
@@ -162,7 +166,7 @@ def variants(args) -> None:
             print(r, flush=True)
         res = pd.DataFrame(rows)
         res.to_csv(OUT / "umpire_variants_probe.csv", index=False)
-        (OUT / "umpire_variants_probe.md").write_text(res.to_markdown(index=False))
+        (OUT / "umpire_variants_probe.md").write_text(frame_table(res, index=False) + "\n")
         print(res.to_string())
 
 

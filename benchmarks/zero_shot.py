@@ -23,6 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA = Path(os.environ.get("IMAGENE_DATA", HERE.parent.parent / "shared" / "data"))
@@ -30,30 +31,10 @@ SECTIONS = ("B4", "C2", "C3", "C4")
 
 
 def load(cache: str | None):
-    """The checks' path AnnData (read, tiled, embedded with the defaults), cached when ``cache`` is set."""
-    import anndata as ad
-
+    """The four her2st sections read, tiled and embedded with the defaults (features cached per section)."""
     import imagene as ig
 
-    if cache and Path(cache).exists():
-        return ad.read_h5ad(cache)
-    parts = {}
-    for s in SECTIONS:
-        folder = DATA / "her2st" / s
-        image = next(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png", ".tif"))
-        a = ig.io.read_legacy_st(folder / f"{s}.tsv.gz", folder / f"{s}_selection.tsv", image, library_id=s)
-        ig.pp.extract_tiles(a, show_progress_bar=False)
-        ig.pp.embed_tiles(a, show_progress_bar=False)
-        del a.obsm["imagene_tiles"]
-        parts[s] = a
-    return ig.io.concat(parts, section_key="section")
-
-
-def _markdown(df) -> str:
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    rule = "|" + "---|" * len(df.columns)
-    rows = ["| " + " | ".join(map(str, r)) + " |" for r in df.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
+    return ig.bench.read_sections(DATA / "her2st", SECTIONS, cache=cache)
 
 
 def main() -> None:
@@ -62,11 +43,12 @@ def main() -> None:
     p.add_argument("--test", nargs="*", default=None, help="held-out sections (default: all four)")
     p.add_argument("--n-seen", type=int, default=256)
     p.add_argument("--n-unseen", type=int, default=250)
-    p.add_argument("--cache", default=os.environ.get("IMAGENE_BENCH_CACHE", "/tmp/igcache/check_path.h5ad"))
+    p.add_argument("--cache", default=str(HERE / "results" / "feature_cache"), help="folder of cached tile features")
     p.add_argument("--quick", action="store_true", help="2 epochs, one fold")
     p.add_argument("--out", type=Path, default=HERE / "results" / "zero_shot.json")
     args = p.parse_args()
     import torch
+    from _common import frame_table
 
     import imagene as ig
 
@@ -76,34 +58,34 @@ def main() -> None:
     adata = load(args.cache)
     if "imagene_nuclei" not in adata.obsm:
         ig.pp.nuclei_maps(adata, library_key="section", show_progress_bar=False)
-    t = time.perf_counter()
-    res = ig.bench.zero_shot(
-        adata,
-        test_sections=["C4"] if args.quick else args.test,
-        n_seen=args.n_seen,
-        n_unseen=args.n_unseen,
-        max_epochs=2 if args.quick else args.epochs,
-        show_progress_bar=False,
-    )
-    seconds = time.perf_counter() - t
-    print(_markdown(res.round(3)))
+    import pandas as pd
+
+    folds = ["C4"] if args.quick else (args.test or list(SECTIONS))
+    epochs = 2 if args.quick else args.epochs
+    rows, seconds = [], 0.0
+    for fold in folds:  # one fold at a time, the results written after each (a long run can be cut short)
+        t = time.perf_counter()
+        part = ig.bench.zero_shot(
+            adata, test_sections=[fold], n_seen=args.n_seen, n_unseen=args.n_unseen, max_epochs=epochs,
+            show_progress_bar=False,
+        )
+        seconds += time.perf_counter() - t
+        rows.append(part)
+        res = pd.concat(rows, ignore_index=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "protocol": f"leave-one-section-out over {list(res['fold'].unique())} (of {folds}); unseen = "
+            f"{args.n_unseen} most expressed training genes, seen = next {args.n_seen}; AlignST epochs = {epochs}",
+            "per_fold": res.to_dict(orient="records"),
+            "seconds": seconds,
+            "threads": torch.get_num_threads(),
+        }, indent=1))
+        print(f"fold {fold} done in {time.perf_counter() - t:.0f} s", flush=True)
+    print(frame_table(res, index=False))
     summary = res.groupby("method", sort=False)[["pcc_m", "pcc_h", "mse"]].agg(["mean", "std"])
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     print()
-    print(_markdown(summary.round(3).reset_index()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "protocol": f"leave-one-section-out over {list(res['fold'].unique())}; unseen = {args.n_unseen} most "
-                f"expressed training genes, seen = next {args.n_seen}; AlignST epochs = {2 if args.quick else args.epochs}",
-                "per_fold": res.to_dict(orient="records"),
-                "seconds": seconds,
-                "threads": torch.get_num_threads(),
-            },
-            indent=1,
-        )
-    )
+    print(frame_table(summary))
 
 
 if __name__ == "__main__":

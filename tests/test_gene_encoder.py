@@ -169,6 +169,19 @@ def test_checkpoint_resume_continues_the_epoch_count(pretrained):
         pre.train(max_epochs=1, resume=True, **FAST)
 
 
+def test_a_fresh_run_overwrites_the_last_checkpoint_of_an_old_one(tmp_path):
+    """A new run into a folder holding an old last.ckpt must replace it, not write last-v1.ckpt beside it."""
+    ig.settings.seed = 0
+    s0, s1, _ = _corpus()
+    old = ig.model.GeneEncoderPretrainer([s0], n_tokens=8, d_model=16, n_layers=1, min_spots=5)
+    old.train(max_epochs=1, batch_size=32, checkpoint_dir=tmp_path, **FAST)
+    new = ig.model.GeneEncoderPretrainer([s1], n_tokens=8, d_model=16, n_layers=1, min_spots=5)
+    new.train(max_epochs=2, batch_size=32, checkpoint_dir=tmp_path, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # the checkpoint is the new run's (2 epochs done), not the old one's (1)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
 # ---------------------------------------------------------------- UMPIRE with the gene encoder
 @pytest.fixture(scope="module")
 def umpire_data():

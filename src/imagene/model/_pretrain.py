@@ -313,7 +313,10 @@ class GeneEncoderPretrainer:
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if checkpoint_dir is not None:
             checkpoint_dir = Path(checkpoint_dir)
-            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1))
+            # no version counter: a new run overwrites last.ckpt instead of writing last-v1.ckpt beside a
+            # stale one (which resume=True would then pick up)
+            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1,
+                                             enable_version_counter=False))
             last = checkpoint_dir / "last.ckpt"
             if resume and last.exists():
                 ckpt_path = str(last)
