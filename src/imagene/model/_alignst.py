@@ -18,6 +18,7 @@ from scvi.model.base import BaseModelClass
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, warn
+from imagene.model._base import AlignmentMixin
 from imagene.module._alignst import AlignSTModule, mse_pcc_loss
 
 logger = logging.getLogger("imagene")
@@ -228,21 +229,11 @@ class AlignST(BaseModelClass):
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
-        check_adata(adata)
-        if adata.is_view:
-            raise ValueError("setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`.")
-        if image_key not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm[{image_key!r}] not found. Run `imagene.pp.extract_tiles(adata)` and "
-                "`imagene.pp.embed_tiles(adata)` first, or pass the obsm key of your image features as `image_key=`."
-            )
+        AlignmentMixin._check_setup(adata, layer, image_key, batch_key)
         if np.asarray(adata.obsm[image_key]).ndim != 2:
             raise ValueError(f"adata.obsm[{image_key!r}] must be (n_obs, n_features) frozen tile features.")
         if spatial_key not in adata.obsm:
             raise KeyError(f"adata.obsm[{spatial_key!r}] (spot centres) not found; pass `spatial_key=`.")
-        get_counts(adata, layer)
-        if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
         if gene_embedding_key is not None and gene_embedding_key not in adata.varm:
             raise KeyError(f"adata.varm[{gene_embedding_key!r}] not found; store your (n_vars, D) gene embeddings there.")
         if gene_text is not None and not isinstance(gene_text, (Mapping, pd.Series)):

@@ -14,7 +14,7 @@ import torch
 from anndata import AnnData
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import check_adata, check_counts, log_normalize, warn
+from imagene._utils import check_adata, check_counts, get_counts, log_normalize, warn
 
 if TYPE_CHECKING:
     pass
@@ -45,6 +45,29 @@ class AlignmentMixin:
     def gene_names(self) -> pd.Index:
         """Genes of the model's gene tower, in order."""
         return pd.Index(self.get_var_names())
+
+    @staticmethod
+    def _check_setup(
+        adata: AnnData, layer: str | None, image_key: str | None, batch_key: str | None, *, image_hint: str | None = None
+    ):
+        """Checks every ``setup_anndata`` shares; returns the raw counts of ``layer``.
+
+        Refuses views (registration writes into the AnnData), a missing ``obsm[image_key]``
+        (``None`` skips the check), non-count data and a missing ``obs[batch_key]``, each with the fix.
+        """
+        check_adata(adata)
+        if adata.is_view:
+            raise ValueError("setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`.")
+        if image_key is not None and image_key not in adata.obsm:
+            raise KeyError(
+                f"adata.obsm[{image_key!r}] not found. "
+                + (image_hint or "Run `imagene.pp.extract_tiles(adata)` and `imagene.pp.embed_tiles(adata)` first, "
+                   "or pass the obsm key of your image features as `image_key=`.")
+            )
+        counts = get_counts(adata, layer)  # raises on non-count data
+        if batch_key is not None and batch_key not in adata.obs:
+            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
+        return counts
 
     def _validation_mask(self, validation_sections: Sequence[str] | None) -> np.ndarray | None:
         """Boolean mask of the spots of the validation sections, or ``None`` with fewer than two sections.

@@ -15,7 +15,7 @@ from scvi.model.base import BaseModelClass
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
-from imagene._utils import check_adata, get_counts, log_normalize
+from imagene._utils import check_adata, log_normalize
 from imagene.model._base import AlignmentMixin
 from imagene.module._sigmma import SCALES, SIGMMAModule
 from imagene.train import ContrastiveTrainingPlan
@@ -326,17 +326,11 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         Nothing.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_adata(adata)
-        if adata.is_view:
-            raise ValueError("setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`.")
-        if image_key is not None and image_key not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm[{image_key!r}] not found. Pass `image_key=None` (SIGMMA embeds its own tile crops) or "
-                "the obsm key of your frozen spot features."
-            )
-        get_counts(adata, layer)  # raises on non-count data
-        if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
+        cls._check_setup(
+            adata, layer, image_key, batch_key,
+            image_hint="Pass `image_key=None` (SIGMMA embeds its own tile crops) or the obsm key of your frozen spot "
+            "features.",
+        )
         _ensure_tiles(adata, batch_key, tile_size_um, n_neighs, encoder, crop_px, write=True)
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)]
         if image_key is not None:
@@ -494,7 +488,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
                 s = SCALES.index(s_name)
                 g = (4, 2, 1)[s]
                 if pooling == "tile" or g == 1:
-                    index, n_groups, patch = node_tile, n_t, None
+                    index, n_groups = node_tile, n_t
                 else:
                     index, n_groups = node_tile * g * g + blocks[:, s], n_t * g * g
                 parts = []

@@ -19,7 +19,7 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import check_adata, get_counts, log_normalize, progress, save_key, warn
+from imagene._utils import check_adata, log_normalize, progress, save_key, warn
 from imagene.model._base import AlignmentMixin
 from imagene.module._stalign import STAlignModule
 from imagene.pp._niches import niche_mean_operator
@@ -283,17 +283,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         >>> imagene.model.STAlign.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_adata(adata)
-        if adata.is_view:
-            raise ValueError("setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`.")
-        if image_key not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm[{image_key!r}] not found. Run `imagene.pp.extract_tiles(adata)` and "
-                "`imagene.pp.embed_tiles(adata)` first, or pass the obsm key of your image features as `image_key=`."
-            )
-        counts = get_counts(adata, layer)  # raises on non-count data
-        if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
+        counts = cls._check_setup(adata, layer, image_key, batch_key)
         niche_image_key = niche_image_key or f"{KEYS.NICHE_FEATURES_PREFIX}{niche_encoder}"
         geometry = {
             "spot_tile_size_um": float(spot_tile_size_um),

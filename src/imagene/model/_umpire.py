@@ -14,7 +14,7 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import REGISTRY_KEYS
-from imagene._utils import check_adata, get_counts, log_normalize, warn
+from imagene._utils import log_normalize, warn
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
 from imagene.train import ContrastiveTrainingPlan
@@ -228,19 +228,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        check_adata(adata)
-        if adata.is_view:
-            raise ValueError(
-                "setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`."
-            )
-        if image_key not in adata.obsm:
-            raise KeyError(
-                f"adata.obsm[{image_key!r}] not found. Run `imagene.pp.extract_tiles(adata)` and "
-                "`imagene.pp.embed_tiles(adata)` first, or pass the obsm key of your image features as `image_key=`."
-            )
-        get_counts(adata, layer)  # raises on non-count data
-        if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
+        cls._check_setup(adata, layer, image_key, batch_key)
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key),
