@@ -154,6 +154,18 @@ def test_synthetic_train_latent_and_unseen_gene_prediction(synthetic_trained):
     assert emb.shape == (4, 32) and list(emb.index) == unseen
 
 
+def test_save_load_round_trip_predicts_unseen_genes_alike(synthetic_trained, tmp_path):
+    m, a, unseen = synthetic_trained
+    m.save(tmp_path / "alignst", overwrite=True)
+    m2 = ig.model.AlignST.load(tmp_path / "alignst", adata=a)
+    assert m2.is_trained_ and m2.seen_genes_ == m.seen_genes_
+    genes = [*unseen, "EGFR"]  # EGFR: described, never measured
+    np.testing.assert_allclose(
+        m2.predict_expression(genes=genes).to_numpy(), m.predict_expression(genes=genes).to_numpy(), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(m2.get_latent_representation(), m.get_latent_representation(), atol=1e-5)
+
+
 def test_synthetic_errors_leave_adata_unchanged(synthetic_trained):
     m, a, _ = synthetic_trained
     with pytest.raises(KeyError, match="gene_text"):

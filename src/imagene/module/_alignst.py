@@ -8,6 +8,7 @@ graph) and genes as token states of their text descriptions.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -351,6 +352,9 @@ class AlignSTModule(nn.Module):
         self.spot_head = nn.Linear(n_hidden, n_hidden)
         self.gene_head = nn.Linear(n_hidden, n_hidden)
         self.scale = 1.0 / math.sqrt(n_hidden)
+
+    def on_load(self, model: Any, **kwargs: Any) -> None:  # noqa: ARG002
+        """Hook scvi-tools' ``BaseModelClass.load`` calls after loading the weights (nothing to do)."""
 
     def encode_spots(
         self, features: torch.Tensor, nuclei: torch.Tensor | None, edge_index: torch.Tensor
