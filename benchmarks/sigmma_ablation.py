@@ -35,7 +35,6 @@ sys.path.insert(0, str(HERE))
 from _common import DATA, RESULTS  # noqa: E402
 
 import imagene as ig  # noqa: E402
-from imagene.bench._baselines import _ridge_pipeline  # noqa: E402
 from imagene.bench._methods import FoldContext, ImageneModel, training_log1p  # noqa: E402
 
 SECTIONS = ("B4", "C2", "C3", "C4")
@@ -53,8 +52,7 @@ class LatentProbe(ImageneModel):
     def fit(self, train, *, ctx: FoldContext) -> None:
         super().fit(train, ctx=ctx)
         z = np.asarray(self.model_.get_latent_representation(train, modality="image"), dtype=np.float64)
-        y = training_log1p(train, ctx)
-        self.probe_ = _ridge_pipeline(z.shape[0], z.shape[1], seed=ctx.seed).fit(z, y)
+        self.train_ = (z, training_log1p(train, ctx), ctx.seed)
         self._z = {}
 
     def embed(self, adata, modality: str) -> np.ndarray:
@@ -64,7 +62,8 @@ class LatentProbe(ImageneModel):
         return self._z[key]
 
     def predict_expression(self, test) -> np.ndarray:
-        return self.probe_.predict(np.asarray(self.embed(test, "image"), dtype=np.float64))
+        z, y, seed = self.train_
+        return ig.bench.ridge_probe(z, y, np.asarray(self.embed(test, "image"), dtype=np.float64), seed=seed)
 
 
 def methods_for(names: list[str], max_epochs: int) -> list:
@@ -96,36 +95,17 @@ def methods_for(names: list[str], max_epochs: int) -> list:
     return out
 
 
-def load_sections():
-    parts = {}
-    for s in SECTIONS:
-        folder = DATA / "her2st" / s
-        image = next(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png", ".tif"))
-        a = ig.io.read_legacy_st(folder / f"{s}.tsv.gz", folder / f"{s}_selection.tsv", image, library_id=s)
-        ig.pp.extract_tiles(a, show_progress_bar=False)
-        ig.pp.embed_tiles(a, show_progress_bar=False)
-        del a.obsm["imagene_tiles"]
-        parts[s] = a
-    return ig.io.concat(parts, section_key="section")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="sigmma,no_graph,single_scale,no_stochastic_edges,umpire,baselines")
     p.add_argument("--max-epochs", type=int, default=15)
-    p.add_argument("--cache", default="", help="h5ad of the four sections (read if present, else written)")
+    p.add_argument("--cache", default=str(RESULTS / "feature_cache"), help="folder of cached tile features")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
-    import anndata as ad
     import torch
 
     torch.set_num_threads(1)
-    if args.cache and Path(args.cache).exists():
-        adata = ad.read_h5ad(args.cache)
-    else:
-        adata = load_sections()
-        if args.cache:
-            adata.write_h5ad(args.cache)
+    adata = ig.bench.read_sections(DATA / "her2st", SECTIONS, cache=args.cache)
     names = args.methods.split(",")
     t0 = time.perf_counter()
     if any(n not in ("umpire", "baselines") for n in names):
@@ -135,13 +115,9 @@ def main() -> None:
         ig.pp.embed_tile_crops(adata, show_progress_bar=False)
         print(f"tile graphs + multi-crop features: {time.perf_counter() - t0:.0f} s")
     # expression and retrieval scored on the same fit of each method and fold (as `imagene bench --task all`)
-    from imagene.bench._runner import _run_tasks
-
-    res = _run_tasks(
-        adata, ("expression", "retrieval"), section_key="section", methods=methods_for(names, args.max_epochs),
-        split="section", patient_key="patient", image_key="X_he_efficientnet_lite0", layer="counts",
-        label_key="label", ignore_labels=("undetermined",), n_genes=50, min_detected=0.1,
-        max_epochs=args.max_epochs, seeds=(0,), n_spot_folds=5, clustering_kwargs=None,
+    res = ig.bench.run(
+        adata, task=["expression", "retrieval"], methods=methods_for(names, args.max_epochs),
+        image_key="X_he_efficientnet_lite0", max_epochs=args.max_epochs, seeds=[0],
     )
     out = {}
     for task, df in res.items():

@@ -322,6 +322,25 @@ def test_several_predictions_of_one_fit_are_scored_under_their_own_names(synthet
     assert m.predictions == {"k5": {"k": 5}, "uniform": {"weighting": "uniform"}}
 
 
+class CountingRidge(bench.RidgeProbe):
+    fits = 0
+
+    def fit(self, train, *, ctx):
+        CountingRidge.fits += 1
+        super().fit(train, ctx=ctx)
+
+
+def test_several_tasks_share_one_fit_per_method_and_fold(synthetic):
+    CountingRidge.fits = 0
+    res = bench.run(synthetic, task=["expression", "retrieval"], methods=[CountingRidge()], n_genes=10)
+    assert set(res) == {"expression", "retrieval"}
+    assert CountingRidge.fits == 3  # one fit per fold (three sections), scored on both tasks
+    single = bench.run(synthetic, task="expression", methods=[CountingRidge()], n_genes=10)
+    drop = lambda df: df[df["metric"] != "seconds"].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(drop(res["expression"]), drop(single))
+    assert drop(res["retrieval"])["metric"].str.startswith("recall").all()
+
+
 def test_default_methods_cover_umpire_and_every_baseline():
     assert [m.name for m in bench.default_methods("expression")] == [
         "umpire", "bleep_style", "ridge_probe", "stnet_style", "random_reference", "mean_expression"

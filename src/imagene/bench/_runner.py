@@ -330,7 +330,7 @@ def run(
     adata: AnnData,
     *,
     section_key: str = KEYS.SECTION,
-    task: str = "expression",
+    task: str | Sequence[str] = "expression",
     methods: Sequence[Method] | None = None,
     split: str = "section",
     patient_key: str = "patient",
@@ -344,7 +344,7 @@ def run(
     seeds: Sequence[int] | None = None,
     n_spot_folds: int = 5,
     clustering_kwargs: dict[str, Any] | None = None,
-) -> pd.DataFrame:
+) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Score methods on held-out sections: fit on the training sections only, score the held-out one.
 
     For each fold (each section held out in turn with ``split='section'``; each patient with
@@ -379,7 +379,8 @@ def run(
     section_key
         ``obs`` column of sections.
     task
-        ``'expression'``, ``'retrieval'`` or ``'clustering'``.
+        ``'expression'``, ``'retrieval'`` or ``'clustering'``; or a list of ``'expression'`` and
+        ``'retrieval'``, scored on the same fit of each method and fold.
     methods
         Method templates (:class:`imagene.bench.Method`); ``None`` for :func:`default_methods`.
     split
@@ -412,16 +413,18 @@ def run(
     Returns
     -------
     Tidy :class:`~pandas.DataFrame` with columns ``method``, ``fold``, ``metric``, ``value`` (one row
-    per method, fold and metric); :func:`imagene.bench.summarize` gives mean ± std over folds.
+    per method, fold and metric); :func:`imagene.bench.summarize` gives mean ± std over folds. With
+    a list of tasks, a dict of such frames by task.
 
     Examples
     --------
     >>> df = imagene.bench.run(adata, section_key="section", task="expression")
     >>> imagene.bench.summarize(df)
     """
-    return _run_tasks(
+    tasks = (task,) if isinstance(task, str) else tuple(task)
+    out = _run_tasks(
         adata,
-        (task,),
+        tasks,
         section_key=section_key,
         methods=methods,
         split=split,
@@ -436,7 +439,8 @@ def run(
         seeds=seeds,
         n_spot_folds=n_spot_folds,
         clustering_kwargs=clustering_kwargs,
-    )[task]
+    )
+    return out[task] if isinstance(task, str) else out
 
 
 def _run_tasks(
