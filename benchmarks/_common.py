@@ -175,6 +175,18 @@ def frame_table(df, *, index: bool = True, digits: int = 3) -> str:
     return table(df.astype(str).to_dict(orient="records"), [str(c) for c in df.columns])
 
 
+def summary_table(summary, metrics: list[str] | None = None, digits: int = 3) -> str:
+    """Methods × metrics table of ``mean ± std`` from :func:`imagene.bench.summarize` output."""
+    df = summary if metrics is None else summary[summary["metric"].isin(metrics)]
+    cell = df.apply(
+        lambda r: f"{r['mean']:.{digits}f}" + ("" if r["std"] != r["std"] else f" ± {r['std']:.{digits}f}"), axis=1
+    )
+    wide = df.assign(cell=cell).pivot(index="method", columns="metric", values="cell")
+    wide = wide[[m for m in (metrics or list(dict.fromkeys(df["metric"]))) if m in wide.columns]]
+    order = list(dict.fromkeys(df["method"]))
+    return table(wide.loc[order].reset_index().to_dict(orient="records"), ["method", *map(str, wide.columns)])
+
+
 def write(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
     """Write ``payload`` to ``<out>/<name>.json``."""
     out.mkdir(parents=True, exist_ok=True)
