@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -461,7 +462,11 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             self, training_plan=plan, data_splitter=dm, max_epochs=max_epochs, accelerator=accelerator,
             devices=devices, early_stopping=early_stopping, **trainer_kwargs,
         )
-        runner()
+        with warnings.catch_warnings():
+            # a SIGMMA batch holds tiles, nodes and edges of different lengths: Lightning cannot infer
+            # a batch size from it for the epoch means and says so at every step; the losses are per tile
+            warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`")
+            runner()
         self._build_reference()
 
     # ---- latents
