@@ -70,7 +70,9 @@ class _SectionPlan:
                 self.gen = torch.Generator().manual_seed(seed)
                 self.epoch_losses: list[float] = []
                 self.epoch_pcc: list[float] = []
+                self.epoch_val_pcc: list[float] = []
                 self._buf: list[tuple[float, float]] = []
+                self._val_buf: list[float] = []
 
             def training_step(self, batch, batch_idx):  # noqa: ARG002
                 tokens, mask, y = batch["tokens"], batch["mask"], batch["y"]
@@ -82,6 +84,21 @@ class _SectionPlan:
                 self._buf.append((float(loss.detach()), float(pcc)))
                 self.log("train_loss", loss, batch_size=y.shape[0], prog_bar=True)
                 return loss
+
+            def validation_step(self, batch, batch_idx):  # noqa: ARG002
+                # all seen genes, no sampling: a fixed target for early stopping
+                out = self.module(batch["features"], batch.get("nuclei"), batch["edge_index"], batch["tokens"],
+                                  batch["mask"])
+                loss, pcc = mse_pcc_loss(out["pred"], batch["y"])
+                n = batch["y"].shape[0]
+                self.log("validation_loss", loss, batch_size=n, on_epoch=True)
+                self.log("pcc_validation", pcc, batch_size=n, on_epoch=True, prog_bar=True)
+                self._val_buf.append(float(pcc))
+
+            def on_validation_epoch_end(self) -> None:
+                if self._val_buf and not self.trainer.sanity_checking:
+                    self.epoch_val_pcc.append(float(np.mean(self._val_buf)))
+                self._val_buf = []
 
             def on_train_epoch_end(self) -> None:
                 if self._buf:
@@ -386,6 +403,10 @@ class AlignST(BaseModelClass):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         n_genes_per_step: int | None = 128,
+        validation_sections: Sequence[str] | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 10,
+        restore_best_weights: bool = True,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         **trainer_kwargs: Any,
@@ -409,6 +430,15 @@ class AlignST(BaseModelClass):
         n_genes_per_step
             Genes sampled per step (all when ``None``); sampling keeps the gene graph and text
             transformer cheap and varies each gene's graph neighbours.
+        validation_sections
+            Sections of ``batch_key`` held out of training: after each epoch the model predicts
+            their seen genes (``pcc_validation``, mean per-gene Pearson r, and ``validation_loss`` in
+            ``history_``). ``None`` (default): every section trains, for ``max_epochs``.
+        early_stopping, early_stopping_patience
+            With validation sections, stop when ``pcc_validation`` has not improved for that many epochs.
+        restore_best_weights
+            With validation sections, end with the weights of the epoch of best ``pcc_validation``
+            (:class:`imagene.train.RestoreBestWeights`).
         accelerator, devices
             Lightning settings.
         **trainer_kwargs
@@ -432,21 +462,51 @@ class AlignST(BaseModelClass):
             raise ValueError("At least 2 seen genes are needed to train; pass more `seen_genes=`.")
         tokens, mask = self._gene_tokens(seen)
         y_all = log_normalize(self._counts(self.adata)[:, self.adata.var_names.get_indexer(seen)])
-        batches = []
-        for idx in self._sections(self.adata).values():
+        sections = self._sections(self.adata)
+        held = [str(v) for v in (validation_sections or [])]
+        unknown = [v for v in held if v not in sections]
+        if unknown:
+            raise ValueError(
+                f"validation_sections {unknown} are not sections of obs[{self._setup_args.get('batch_key')!r}] "
+                f"({list(sections)}); setup_anndata needs `batch_key=` for a validation split."
+            )
+        if held and len(held) == len(sections):
+            raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
+        batches, val_batches = [], []
+        for name, idx in sections.items():
             b = self._section_inputs(self.adata, idx)
             b.update(tokens=torch.as_tensor(tokens), mask=torch.as_tensor(mask), y=torch.as_tensor(y_all[idx]))
-            batches.append(b)
+            (val_batches if name in held else batches).append(b)
         torch.manual_seed(seed)
         plan = _SectionPlan.build(self.module, lr, weight_decay, n_genes_per_step, seed)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True, num_workers=0)
+        val_loader = None
+        if val_batches:
+            from imagene.model._base import AlignmentMixin
+
+            val_loader = torch.utils.data.DataLoader(val_batches, batch_size=None, shuffle=False, num_workers=0)
+            monitoring = AlignmentMixin._monitoring_kwargs(
+                trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+                restore_best_weights=restore_best_weights, monitor="pcc_validation", mode="max",
+            )
+            trainer_kwargs = {k: v for k, v in monitoring.items() if not k.startswith("early_stopping_")}
+            if early_stopping:
+                from lightning.pytorch.callbacks import EarlyStopping
+
+                trainer_kwargs["callbacks"] = [
+                    *trainer_kwargs.get("callbacks", []),
+                    EarlyStopping(monitor="pcc_validation", mode="max", patience=early_stopping_patience),
+                ]
+        else:
+            trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs.setdefault("logger", False)
         trainer_kwargs.setdefault("enable_checkpointing", False)
         trainer_kwargs.setdefault("enable_model_summary", False)
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+        trainer_kwargs.setdefault("num_sanity_val_steps", 0)
         trainer = L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, **trainer_kwargs)
         self.module.train()
-        trainer.fit(plan, train_dataloaders=loader)
+        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader)
         self.module.eval()
         self.module.cpu()
         self.seen_genes_ = list(seen)
@@ -454,6 +514,8 @@ class AlignST(BaseModelClass):
             "train_loss": pd.DataFrame({"train_loss": plan.epoch_losses}),
             "train_pcc": pd.DataFrame({"train_pcc": plan.epoch_pcc}),
         }
+        if val_batches:
+            self.history_["pcc_validation"] = pd.DataFrame({"pcc_validation": plan.epoch_val_pcc})
         self.is_trained_ = True
         logger.info("AlignST trained on %d seen genes over %d sections", len(seen), len(batches))
 
