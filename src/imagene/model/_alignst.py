@@ -462,18 +462,16 @@ class AlignST(BaseModelClass):
             raise ValueError("At least 2 seen genes are needed to train; pass more `seen_genes=`.")
         tokens, mask = self._gene_tokens(seen)
         y_all = log_normalize(self._counts(self.adata)[:, self.adata.var_names.get_indexer(seen)])
-        sections = self._sections(self.adata)
-        held = [str(v) for v in (validation_sections or [])]
-        unknown = [v for v in held if v not in sections]
-        if unknown:
-            raise ValueError(
-                f"validation_sections {unknown} are not sections of obs[{self._setup_args.get('batch_key')!r}] "
-                f"({list(sections)}); setup_anndata needs `batch_key=` for a validation split."
-            )
-        if held and len(held) == len(sections):
-            raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
+        held: set[str] = set()
+        if validation_sections:
+            # the same section checks as every other model (unknown sections, all sections held out)
+            if AlignmentMixin._validation_mask(self, validation_sections) is None:
+                raise ValueError(
+                    "validation_sections needs sections: call setup_anndata with `batch_key=` (two or more sections)."
+                )
+            held = {str(v) for v in validation_sections}
         batches, val_batches = [], []
-        for name, idx in sections.items():
+        for name, idx in self._sections(self.adata).items():
             b = self._section_inputs(self.adata, idx)
             b.update(tokens=torch.as_tensor(tokens), mask=torch.as_tensor(mask), y=torch.as_tensor(y_all[idx]))
             (val_batches if name in held else batches).append(b)
@@ -482,14 +480,12 @@ class AlignST(BaseModelClass):
         loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True, num_workers=0)
         val_loader = None
         if val_batches:
-            from imagene.model._base import AlignmentMixin
-
             val_loader = torch.utils.data.DataLoader(val_batches, batch_size=None, shuffle=False, num_workers=0)
-            monitoring = AlignmentMixin._monitoring_kwargs(
-                trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
+            # plain Lightning here (not scvi-tools' runner): early stopping is a callback, not trainer settings
+            trainer_kwargs = AlignmentMixin._monitoring_kwargs(
+                trainer_kwargs, early_stopping=False, early_stopping_patience=early_stopping_patience,
                 restore_best_weights=restore_best_weights, monitor="pcc_validation", mode="max",
             )
-            trainer_kwargs = {k: v for k, v in monitoring.items() if not k.startswith("early_stopping_")}
             if early_stopping:
                 from lightning.pytorch.callbacks import EarlyStopping
 
@@ -497,8 +493,6 @@ class AlignST(BaseModelClass):
                     *trainer_kwargs.get("callbacks", []),
                     EarlyStopping(monitor="pcc_validation", mode="max", patience=early_stopping_patience),
                 ]
-        else:
-            trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs.setdefault("logger", False)
         trainer_kwargs.setdefault("enable_checkpointing", False)
         trainer_kwargs.setdefault("enable_model_summary", False)
