@@ -1,6 +1,8 @@
 """Build the compact gene-description table shipped with imagene (``datasets/_data/gene_texts.tsv.gz``).
 
-Source: ``../shared/data/genes/human_genes.tsv.gz`` (NCBI gene symbol, name, aliases and GO terms).
+Source: a human gene table (``symbol entrez_id ensembl_ids gene_type name aliases go_biological_process
+go_molecular_function go_cellular_component``) exported from the Bioconductor annotation packages
+``org.Hs.eg.db`` (NCBI Gene 2022-09, Artistic-2.0) and ``GO.db`` (Gene Ontology, CC BY 4.0).
 Each gene becomes one short text, ``"<SYMBOL>: <name>. Aliases: ... . GO: ..."``, with at most
 ``MAX_ALIASES`` aliases and ``MAX_GO`` GO terms (biological process first, then molecular function,
 then cellular component; the GO root terms are dropped) so the shipped file stays small.

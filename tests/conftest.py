@@ -8,15 +8,33 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-#: real published data beside the checkout (../shared/data); see its README
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: real published data: ``$IMAGENE_DATA_DIR``, else a ``shared/data`` folder beside the checkout
+_BESIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(os.environ["IMAGENE_DATA_DIR"]) if os.environ.get("IMAGENE_DATA_DIR") else _BESIDE
+#: set by CI: a test that needs the real data fails instead of being skipped when the data is missing
+REQUIRE_DATA = os.environ.get("IMAGENE_REQUIRE_DATA") == "1"
+#: tutorials and ``imagene.datasets`` read ``$IMAGENE_DATA_DIR/<dataset>`` instead of downloading
+if DATA.is_dir():
+    os.environ.setdefault("IMAGENE_DATA_DIR", str(DATA))
+
+
+def require_data() -> Path:
+    """The folder of real data, or skip the calling test (fail it when ``IMAGENE_REQUIRE_DATA=1``, as in CI)."""
+    if not DATA.is_dir():
+        msg = (
+            f"real data not found at {DATA}: set IMAGENE_DATA_DIR to a folder with her2st/, mouse_olfactory_bulb/, "
+            "... (the project's shared/data)"
+        )
+        if REQUIRE_DATA:
+            pytest.fail(msg + " (IMAGENE_REQUIRE_DATA=1: CI must run every real-data test)")
+        pytest.skip(msg)
+    return DATA
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.exists():
-        pytest.fail(f"Real test data not found at {DATA}; the checkout must sit beside shared/.")
-    return DATA
+    """Folder of the real published sections (see ``require_data``)."""
+    return require_data()
 
 
 @pytest.fixture(autouse=True)

@@ -163,11 +163,11 @@ def test_synthetic_and_concat_keys(syn):
         assert _added(copies[lib], parts[lib]) == {}
 
 
-def test_her2st_demo_keys():
-    a = ig.datasets.her2st_demo(sections=("C2",))
+def test_her2st_keys(data_dir):
+    a = ig.datasets.her2st(("C2",), path=data_dir / "her2st", show_progress_bar=False)
     assert _keys(a) == {
         "obs": {"array_x", "array_y", "section", "patient"}, "var": set(), "obsm": {"spatial"}, "varm": set(),
-        "obsp": set(), "varp": set(), "layers": {"counts"}, "uns": {"spatial", "her2st_demo"},
+        "obsp": set(), "varp": set(), "layers": {"counts"}, "uns": {"spatial", "dataset"},
     }
     assert _spatial_entry_keys(a) == {
         "C2": {"entry": SPATIAL_ENTRY, "images": {"hires"}, "scalefactors": LEGACY_SCALEFACTORS, "metadata": METADATA}

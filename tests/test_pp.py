@@ -169,12 +169,17 @@ def test_tile_is_the_exact_crop_of_tile_size_um(b4, b4_full):
         assert _is_centred_crop(b.obsm[TILES][i], b4_full, x, y, s), f"tile {i} is not centred on spot ({x}, {y})"
 
 
-def test_demo_downscaled_image_gives_the_tiles_of_the_full_image(data_dir):
-    demo = ig.datasets.her2st_demo(sections=("C2",))
-    assert demo.uns["spatial"]["C2"]["metadata"]["source_image_scale"] == 0.5
+def test_downscaled_image_gives_the_tiles_of_the_full_image(data_dir, tmp_path):
+    d = data_dir / "her2st" / "C2"
+    with Image.open(d / C2_JPEG) as im:  # a half-size copy, as a user may have it (written to a temporary folder)
+        im.convert("RGB").resize((im.width // 2, im.height // 2), Image.LANCZOS).save(tmp_path / "C2_HE.jpg", quality=85)
+        scale = (im.width // 2) / im.width
+    demo = ig.io.read_legacy_st(d / "C2.tsv.gz", d / "C2_selection.tsv", tmp_path / "C2_HE.jpg", library_id="C2",
+                                image_scale=scale)
+    assert demo.uns["spatial"]["C2"]["metadata"]["source_image_scale"] == pytest.approx(0.5, abs=1e-4)
     full = demo.copy()
     ig.pp.extract_tiles(demo, tile_px=64, show_progress_bar=False)
-    ig.pp.extract_tiles(full, tile_px=64, image=str(data_dir / "her2st" / "C2" / C2_JPEG), show_progress_bar=False)
+    ig.pp.extract_tiles(full, tile_px=64, image=str(d / C2_JPEG), show_progress_bar=False)
     assert demo.uns[TILES]["source"]["C2"].endswith("C2_HE.jpg")
     assert full.uns[TILES]["source"]["C2"] == "user-supplied image"
     a, b = demo.obsm[TILES].astype(np.float64), full.obsm[TILES].astype(np.float64)

@@ -17,8 +17,13 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _execute(path: Path, workdir: Path, monkeypatch) -> nbformat.NotebookNode:
-    """Run a notebook in ``workdir`` with the FAST settings; the kernel inherits this process' environment."""
+def _execute(path: Path, workdir: Path, monkeypatch, data_dir: Path) -> nbformat.NotebookNode:
+    """Run a notebook in ``workdir`` with the FAST settings; the kernel inherits this process' environment.
+
+    The tutorials read the her2st sections with ``ig.datasets.her2st``, which reads
+    ``$IMAGENE_DATA_DIR/her2st`` instead of downloading: the kernel gets the real data folder.
+    """
+    monkeypatch.setenv("IMAGENE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("IMAGENE_TUTORIAL_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -42,8 +47,8 @@ def _last_json_line(nb: nbformat.NotebookNode) -> dict:
 
 
 @pytest.mark.slow
-def test_quickstart_runs_and_scores_the_held_out_section(tmp_path, monkeypatch):
-    nb = _execute(TUTORIALS / "01_quickstart.ipynb", tmp_path, monkeypatch)
+def test_quickstart_runs_and_scores_the_held_out_section(tmp_path, monkeypatch, data_dir):
+    nb = _execute(TUTORIALS / "01_quickstart.ipynb", tmp_path, monkeypatch, data_dir)
     assert all(o.output_type != "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs), (
         "a cell produced an error output"
     )
@@ -62,8 +67,8 @@ def test_quickstart_runs_and_scores_the_held_out_section(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_zero_shot_genes_tutorial_scores_unseen_genes(tmp_path, monkeypatch):
-    nb = _execute(TUTORIALS / "03_zero_shot_genes.ipynb", tmp_path, monkeypatch)
+def test_zero_shot_genes_tutorial_scores_unseen_genes(tmp_path, monkeypatch, data_dir):
+    nb = _execute(TUTORIALS / "03_zero_shot_genes.ipynb", tmp_path, monkeypatch, data_dir)
     result = _last_json_line(nb)
     assert result["fast"] is True and result["test_section"] == "C4"
     assert result["n_unseen"] == 50 and result["overlap"] == 0  # unseen genes never entered training
@@ -79,8 +84,8 @@ def test_zero_shot_genes_tutorial_scores_unseen_genes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigmma_tutorial_runs_and_scores_the_held_out_section(tmp_path, monkeypatch):
-    nb = _execute(TUTORIALS / "04_sigmma.ipynb", tmp_path, monkeypatch)
+def test_sigmma_tutorial_runs_and_scores_the_held_out_section(tmp_path, monkeypatch, data_dir):
+    nb = _execute(TUTORIALS / "04_sigmma.ipynb", tmp_path, monkeypatch, data_dir)
     assert all(o.output_type != "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs), (
         "a cell produced an error output"
     )
@@ -97,8 +102,7 @@ def test_sigmma_tutorial_runs_and_scores_the_held_out_section(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_stalign_tutorial_predicts_and_clusters_a1(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("IMAGENE_HER2ST_DIR", str(data_dir / "her2st"))
-    nb = _execute(TUTORIALS / "02_stalign.ipynb", tmp_path, monkeypatch)
+    nb = _execute(TUTORIALS / "02_stalign.ipynb", tmp_path, monkeypatch, data_dir)
     result = _last_json_line(nb)
     assert result["fast"] is True and result["test_section"] == "C4"
     assert 1 <= result["epochs_run"] <= 5  # FAST trains at most 5 epochs
@@ -118,8 +122,7 @@ def test_stalign_tutorial_predicts_and_clusters_a1(tmp_path, monkeypatch, data_d
 
 @pytest.mark.slow
 def test_umpire_gene_encoder_tutorial_pretrains_and_compares_variants(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("IMAGENE_HER2ST_DIR", str(data_dir / "her2st"))
-    nb = _execute(TUTORIALS / "05_umpire_gene_encoder.ipynb", tmp_path, monkeypatch)
+    nb = _execute(TUTORIALS / "05_umpire_gene_encoder.ipynb", tmp_path, monkeypatch, data_dir)
     result = _last_json_line(nb)
     assert result["fast"] is True and result["test_section"] == "C4"
     assert result["weights_exist"] and result["n_tokens"] == 64 and result["vocabulary"] > 100

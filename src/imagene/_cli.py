@@ -12,6 +12,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     res = run_demo(
         args.out,
+        data=args.data,
+        dataset=args.dataset,
+        sections=args.sections,
         test_section=args.test_section,
         encoder=args.encoder,
         tile_px=args.tile_px,
@@ -21,6 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
     def fmt(v: float | None) -> str:
         return "undefined (constant prediction)" if v is None else f"{v:.3f}"
 
+    sys.stdout.write(f"Data: {res['data']}.\n")
     sys.stdout.write(
         f"Trained on {', '.join(res['train_sections'])}; predicted held-out section {res['test_section']} "
         f"({res['n_test_spots']} spots) from H&E alone.\n"
@@ -42,9 +46,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imagene`` command."""
     parser = argparse.ArgumentParser(prog="imagene", description="Align H&E histology with spatial transcriptomics.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the pipeline on the her2st sample shipped with the package")
+    demo = sub.add_parser(
+        "demo",
+        help="run the pipeline end to end (default: on synthetic sections; --data DIR for real ones)",
+        description="Read sections, tile and embed the H&E, build niches, train UMPIRE on all sections but one and "
+        "predict the held-out one from its H&E alone, next to a ridge probe. The default data are four synthetic "
+        "sections made offline (imagene.datasets.synthetic_he_st); --data DIR runs the same flow on a folder of "
+        "legacy-ST sections in the her2st layout, --dataset her2st downloads the four her2st sections.",
+    )
     demo.add_argument("--out", default="imagene_demo", help="output folder (default: ./imagene_demo)")
-    demo.add_argument("--test-section", default="C4", help="section held out for testing (default: C4)")
+    source = demo.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None, metavar="DIR",
+                        help="folder of section folders in the her2st layout (<S>/<S>.tsv.gz, <S>_selection.tsv, "
+                             "one H&E image), e.g. a copy of the her2st release")
+    source.add_argument("--dataset", default=None, choices=["her2st"],
+                        help="download a published dataset from its authors' repository")
+    demo.add_argument("--sections", nargs="+", default=None, metavar="S",
+                      help="sections to use (default: B4 C2 C3 C4 for her2st, else all)")
+    demo.add_argument("--test-section", default=None, help="section held out for testing (default: the last one)")
     demo.add_argument("--encoder", default="efficientnet_lite0", help="image encoder (default: efficientnet_lite0)")
     demo.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     demo.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")

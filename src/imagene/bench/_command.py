@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data", default=None,
-        help="folder of legacy-ST section folders (<S>/<S>.tsv.gz, <S>_selection.tsv, one H&E image); default: the "
-        "her2st sample shipped with imagene (no labels: no clustering)",
+        help="folder of legacy-ST section folders (<S>/<S>.tsv.gz, <S>_selection.tsv, one H&E image); default: "
+        "$IMAGENE_DATA_DIR/her2st when set, else the her2st sections downloaded from the authors' repository",
     )
     parser.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS),
                         help="sections for the expression and retrieval tasks (default: B4 C2 C3 C4)")
@@ -105,12 +105,6 @@ def run_command(args: argparse.Namespace) -> int:
     ig.settings.progress_bar = not args.quiet
     if args.data is not None and not Path(args.data).is_dir():
         raise SystemExit(f"imagene bench: --data {args.data} is not a folder.")
-    if "clustering" in tasks and args.data is None:
-        raise SystemExit(
-            "imagene bench: the clustering task needs sections with pathologist labels (<S>_labeled_coordinates.tsv), "
-            "which the shipped sample lacks: pass --data (e.g. --data ../shared/data/her2st with "
-            "--cluster-sections A1)."
-        )
     common = {"encoder": args.encoder, "tile_px": args.tile_px, "tile_size_um": args.tile_um, "cache": cache,
               "show_progress_bar": not args.quiet}
     results, timings = {}, {}
@@ -137,7 +131,8 @@ def run_command(args: argparse.Namespace) -> int:
             sys.stdout.write(f"\n== {task}: mean ± std over folds ==\n{_markdown(summary_table(df, task))}\n")
         sys.stdout.write(f"({' and '.join(group)}: {timings['+'.join(group)]:.0f} s)\n")
     config = {
-        "data": str(Path(args.data).resolve()) if args.data else "her2st sample shipped with imagene",
+        "data": str(Path(args.data).resolve()) if args.data else "her2st (ig.datasets.her2st: $IMAGENE_DATA_DIR or "
+        "downloaded)",
         "sections": list(args.sections),
         "cluster_sections": list(args.cluster_sections),
         "split": args.split,
