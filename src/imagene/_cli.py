@@ -10,17 +10,24 @@ from collections.abc import Sequence
 def _demo(args: argparse.Namespace) -> int:
     from imagene._demo import run_demo
 
-    res = run_demo(
-        args.out,
-        data=args.data,
-        dataset=args.dataset,
-        sections=args.sections,
-        test_section=args.test_section,
-        encoder=args.encoder,
-        tile_px=args.tile_px,
-        max_epochs=args.epochs,
-        show_progress_bar=not args.quiet,
-    )
+    try:
+        res = run_demo(
+            args.out,
+            data=args.data,
+            dataset=args.dataset,
+            sections=args.sections,
+            test_section=args.test_section,
+            encoder=args.encoder,
+            tile_px=args.tile_px,
+            max_epochs=args.epochs,
+            show_progress_bar=not args.quiet,
+        )
+    except (ConnectionError, FileNotFoundError, KeyError, ValueError) as err:
+        sys.stderr.write(f"imagene demo: {err}\n")
+        if isinstance(err, ConnectionError):
+            sys.stderr.write("imagene demo: with a local copy of the data, run `imagene demo --data DIR`.\n")
+        return 2
+
     def fmt(v: float | None) -> str:
         return "undefined (constant prediction)" if v is None else f"{v:.3f}"
 
