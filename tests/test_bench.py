@@ -413,12 +413,14 @@ def test_clustering_of_a1_against_pathologist_labels(her2st_cmd):
     assert set(df["fold"]) == {"A1"}
 
 
-def test_cli_has_bench_subcommand_and_clustering_needs_labels(capsys, tmp_path):
+def test_cli_has_bench_subcommand_and_names_a_missing_section(capsys, tmp_path):
     from imagene._cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0
     assert "--data" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="labels"):
-        main(["bench", "--task", "clustering", "--out", str(tmp_path)])
+    (tmp_path / "data" / "B4").mkdir(parents=True)  # a folder of sections without A1
+    (tmp_path / "data" / "B4" / "B4.tsv.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"A1.*section folders found.*B4"):
+        main(["bench", "--task", "clustering", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
