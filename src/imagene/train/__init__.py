@@ -4,3 +4,7 @@ from imagene.train._callbacks import RestoreBestWeights
 from imagene.train._plan import ContrastiveTrainingPlan
 
 __all__ = ["ContrastiveTrainingPlan", "RestoreBestWeights"]
+
+from imagene._settings import settings as _settings
+
+_settings._apply_third_party()  # quiet Lightning / scvi-tools, which set their loggers when imported
