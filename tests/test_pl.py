@@ -139,7 +139,7 @@ def test_history_shows_the_monitored_metric_and_the_restored_epoch(trained, tmp_
     assert monitor == "recall5_validation"
     values = hist[monitor].iloc[:, 0].to_numpy(dtype=float)
     best = int(np.argmax(values))  # RestoreBestWeights keeps the first best epoch
-    fig = ig.pl.history(trained)
+    fig = ig.pl.training_history(trained)
     losses, metric = fig.axes
     assert metric.get_ylabel() == monitor
     assert f"restored epoch {best + 1} ({monitor} = {values[best]:.3f})" in metric.get_title()
@@ -156,7 +156,13 @@ def test_history_shows_the_monitored_metric_and_the_restored_epoch(trained, tmp_
     trained.save(tmp_path / "m", overwrite=True)
     loaded = ig.model.UMPIRE.load(tmp_path / "m", adata=trained.adata)
     assert loaded.train_monitor_ == trained.train_monitor_
-    plt.close(ig.pl.history(loaded))
+    plt.close(ig.pl.training_history(loaded))
+    # the plain curves keep their Axes (and `ax=`)
+    ax = ig.pl.history(trained)
+    assert [ln.get_label() for ln in ax.get_lines()] == ["train_loss", "validation_loss"]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), hist["train_loss"].iloc[:, 0].to_numpy(dtype=float))
+    assert isinstance(ig.pl.history(trained, return_fig=True), Figure)
+    plt.close("all")
 
 
 def test_retrieval_examples_show_query_and_match_tiles(trained, data_dir):

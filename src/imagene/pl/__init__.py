@@ -1,7 +1,6 @@
 """Plots: expression on the tissue, predicted vs measured, uncertainty, training history, retrieval, benchmark.
 
-Every function returns the matplotlib Figure (``return_fig=False``: its Axes) and never calls
-``plt.show()``.
+Every function takes ``return_fig`` (Figure or Axes) and never calls ``plt.show()``.
 """
 
 from imagene.pl._plots import (
@@ -10,6 +9,7 @@ from imagene.pl._plots import (
     predicted_scatter,
     predicted_vs_measured,
     retrieval_examples,
+    training_history,
     uncertainty,
 )
 
@@ -19,5 +19,6 @@ __all__ = [
     "predicted_scatter",
     "predicted_vs_measured",
     "retrieval_examples",
+    "training_history",
     "uncertainty",
 ]

@@ -1,8 +1,10 @@
 """Matplotlib figures of imagene's outputs.
 
-Every function draws a new figure and returns it (``return_fig=True``, the default) or its axes
-(``return_fig=False``); none calls ``plt.show()``, so figures display once in a notebook and can
-be saved with ``fig.savefig(...)``.
+Every function draws a new figure and returns it (``return_fig=True``, the default; ``history``
+keeps returning its Axes unless asked) or its axes (``return_fig=False``). None calls
+``plt.show()``: in a notebook, ``fig = imagene.pl....(...)`` displays the figure once (a returned
+figure left as the cell's last expression is displayed by the cell result as well); in a script,
+``fig.savefig(...)``.
 """
 
 from __future__ import annotations
@@ -353,7 +355,7 @@ def _series(hist: Mapping[str, Any], key: str) -> pd.Series:
     return s.astype(float)
 
 
-def history(
+def training_history(
     model: Any,
     *,
     keys: Sequence[str] | None = None,
@@ -386,7 +388,7 @@ def history(
     Examples
     --------
     >>> model.train(max_epochs=100)
-    >>> fig = imagene.pl.history(model)
+    >>> fig = imagene.pl.training_history(model)
     """
     import matplotlib.pyplot as plt
 
@@ -435,6 +437,53 @@ def history(
         for ax in axes:
             ax.axvline(restored + 1, color="C3", ls="--", lw=1)
     return _out(fig, axes, return_fig)
+
+
+def history(
+    model: Any,
+    *,
+    keys: Sequence[str] = ("train_loss", "validation_loss"),
+    ax: Axes | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure:
+    """Training curves from ``model.history`` on one Axes (one line per key found).
+
+    :func:`training_history` shows the metric early stopping watched and the epoch whose
+    weights were kept as well.
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    keys
+        History entries to draw (e.g. ``'top1_validation'``).
+    ax
+        Axes to draw on (default: a new figure).
+    return_fig
+        Return the Figure instead of the Axes.
+
+    Returns
+    -------
+    The Axes (the Figure with ``return_fig=True``).
+
+    Examples
+    --------
+    >>> ax = imagene.pl.history(model, keys=["train_loss", "validation_loss"])
+    """
+    import matplotlib.pyplot as plt
+
+    hist = getattr(model, "history", None) or {}
+    found = [k for k in keys if k in hist]
+    if not found:
+        raise KeyError(f"None of {list(keys)} in model.history ({sorted(hist)}). Train the model first.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.2))
+    for k in found:
+        s = _series(hist, k)
+        ax.plot(np.asarray(s.index) + 1, s.to_numpy(), label=k, marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    return ax.figure if return_fig else ax
 
 
 # ------------------------------------------------------------------------------------------
