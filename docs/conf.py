@@ -1,13 +1,19 @@
 """Sphinx configuration of the imagene documentation (scverse cookiecutter layout).
 
-Build with ``pip install -e ".[doc]"`` then ``sphinx-build -b html docs docs/_build/html``.
-Notebooks under ``docs/tutorials`` (a symlink to ``../tutorials``) are rendered with their
-stored outputs; they are not executed during the build (``nb_execution_mode = "off"``).
+Build with ``pip install -e ".[doc]"`` then ``sphinx-build -W -b html docs docs/_build/html``
+(``tests/test_docs_build.py`` runs the same build). Notebooks under ``docs/tutorials`` (a symlink
+to ``../tutorials``) are rendered with their stored outputs; they are not executed during the build
+(``nb_execution_mode = "off"``). Without a network connection the intersphinx inventories that
+cannot be reached are left out (links to those projects' pages become plain text) instead of
+failing a ``-W`` build; set ``IMAGENE_DOCS_OFFLINE=1`` to skip them all.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import warnings
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
@@ -95,6 +101,46 @@ intersphinx_mapping = {
 }
 intersphinx_timeout = 10
 
+
+def _fetch_inventories(mapping: dict, timeout: float = 5.0) -> dict:
+    """Download every project's ``objects.inv`` at once; the mapping of those that came, read from local copies.
+
+    A project whose inventory cannot be fetched (no network, a proxy, the site down) is left out,
+    so its links become plain text instead of a warning that fails a ``-W`` build.
+    """
+    import tempfile
+    import urllib.request
+
+    folder = Path(tempfile.mkdtemp(prefix="imagene_intersphinx_"))
+    fetched: dict = {}
+
+    def fetch(name: str, url: str) -> None:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/objects.inv", timeout=timeout) as r:
+                data = r.read()
+        except Exception:  # noqa: BLE001 - any failure means: leave this inventory out
+            return
+        if data.startswith(b"# Sphinx inventory version"):
+            path = folder / f"{name}.inv"
+            path.write_bytes(data)
+            fetched[name] = (url, str(path))
+
+    threads = [threading.Thread(target=fetch, args=(n, u), daemon=True) for n, (u, _) in mapping.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 1.0)
+    missing = sorted(set(mapping) - set(fetched))
+    if missing:
+        print(f"imagene docs: intersphinx inventories not reachable, left out: {', '.join(missing)}")
+    return dict(fetched)
+
+
+if os.environ.get("IMAGENE_DOCS_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    intersphinx_mapping = {}
+else:
+    intersphinx_mapping = _fetch_inventories(intersphinx_mapping)
+
 # -- Options for HTML output -------------------------------------------------
 
 html_theme = "sphinx_book_theme"
@@ -138,3 +184,37 @@ def _own_members() -> dict[str, list[str]]:
 
 
 autosummary_context = {"imagene_members": _own_members()}
+
+
+# -- Autosummary: a one-line summary never cuts an inline literal in two ------
+# autosummary ends a summary at the first ". ", even inside ``...`` (the check it makes parses
+# the whole paragraph, not the cut sentence): "``"<SYMBOL>: <name>. Aliases ...``" became an
+# unclosed literal. Extend such a summary to the end of its sentence after the literal closes.
+
+
+def _patch_autosummary() -> None:
+    import re
+
+    from sphinx.ext import autosummary
+
+    original = autosummary.extract_summary
+
+    def extract_summary(doc, settings):
+        summary = original(doc, settings)
+        if summary.count("``") % 2 == 0:
+            return summary
+        text = " ".join(line.strip() for line in doc if line.strip())
+        closed = text.find("``", text.find(summary.rstrip(".")) + len(summary.rstrip(".")))
+        if closed < 0:
+            return summary
+        end = re.search(r"\.(\s|$)", text[closed + 2 :])
+        return text[: closed + 2 + (end.start() + 1 if end else len(text))].strip()
+
+    autosummary.extract_summary = extract_summary
+
+
+_patch_autosummary()
+
+# sphinx-autodoc-typehints calls a Sphinx API that Sphinx 10 removes: a Python warning per page,
+# not a documentation problem
+warnings.filterwarnings("ignore", message=".*set_application' is deprecated", module="sphinx_autodoc_typehints")

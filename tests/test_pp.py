@@ -488,7 +488,8 @@ def test_embed_tiles_tiny(syn):
     assert np.isfinite(f).all()
     assert a.uns["X_he_tiny"] == {
         "encoder": "tiny",
-        "weights": "default",
+        "weights": "random (seed 0)",  # the tiny CNN's weights are its seeded initialisation
+        "model_kwargs": "{}",
         "input_px": 32,
         "n_features": 32,
         "tiles_key": TILES,

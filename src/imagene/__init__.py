@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str):
     # submodules load on first use so `import imagene` stays fast (torch and scvi load only when needed)
     if name in _SUBMODULES:
-        return importlib.import_module(f"imagene.{name}")
+        mod = importlib.import_module(f"imagene.{name}")
+        settings._apply_third_party()  # Lightning and scvi-tools set their loggers' levels when imported
+        return mod
     raise AttributeError(f"module 'imagene' has no attribute {name!r}")
 
 

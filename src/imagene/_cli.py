@@ -4,7 +4,59 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+
+class LazyHelp(str):
+    """A help text computed only when help is printed (the names it lists need heavy imports)."""
+
+    def __new__(cls, make: Callable[[], str]) -> LazyHelp:
+        obj = super().__new__(cls, "...")
+        obj.make = make
+        return obj
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Expands :class:`LazyHelp` texts."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help
+        return text.make() if isinstance(text, LazyHelp) else super()._get_help_string(action)
+
+
+class _RawDescription(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the top-level description (a small table of commands) as written."""
+
+
+def encoder_help() -> str:
+    """Help text of ``--encoder``: the registered names and the other forms accepted."""
+    from imagene.nn import list_image_encoders
+
+    return (
+        f"image encoder (default: %(default)s): one of {', '.join(list_image_encoders())}; any timm model name; "
+        "'local-dir:/path/to/folder' (timm config.json + weights); see docs/encoders.md"
+    )
+
+
+def print_timings(timings: Mapping[str, float], *, stream=None) -> None:
+    """Write one line per step, ``name  seconds``, in the order of ``timings``.
+
+    Parameters
+    ----------
+    timings
+        Seconds by step name (a trailing ``'_s'`` is dropped from names).
+    stream
+        Where to write (default: standard output).
+
+    Returns
+    -------
+    Nothing.
+    """
+    stream = sys.stdout if stream is None else stream
+    width = max((len(k.removesuffix("_s")) for k in timings), default=0)
+    stream.write("Time per step:\n")
+    for name, seconds in timings.items():
+        stream.write(f"  {name.removesuffix('_s'):<{width}}  {float(seconds):8.1f} s\n")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -43,6 +95,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"ridge probe {fmt(block['ridge_probe']['mean_pearson'])} | "
             f"mean expression {fmt(block['mean_expression']['mean_pearson'])}\n"
         )
+    print_timings(res["timings"])
     sys.stdout.write(f"Total time {res['timings']['total_s']:.0f} s. Outputs in {args.out}/:\n")
     for f in ("imagene_demo.h5ad", "metrics.json", "predicted_vs_measured.png"):
         sys.stdout.write(f"  {args.out}/{f}\n")
@@ -51,15 +104,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imagene`` command."""
-    parser = argparse.ArgumentParser(prog="imagene", description="Align H&E histology with spatial transcriptomics.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from imagene import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="imagene",
+        description="Align H&E histology with spatial transcriptomics.\n\n"
+        "  imagene demo    read, tile, embed, train UMPIRE, predict a held-out section from H&E\n"
+        "  imagene bench   UMPIRE against baselines, leaving one section out\n\n"
+        "Run `imagene <command> --help` for a command's options.",
+        formatter_class=_RawDescription,
+    )
+    parser.add_argument("--version", action="version", version=f"imagene {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
     demo = sub.add_parser(
         "demo",
         help="run the pipeline end to end (default: on synthetic sections; --data DIR for real ones)",
-        description="Read sections, tile and embed the H&E, build niches, train UMPIRE on all sections but one and "
-        "predict the held-out one from its H&E alone, next to a ridge probe. The default data are four synthetic "
-        "sections made offline (imagene.datasets.synthetic_he_st); --data DIR runs the same flow on a folder of "
-        "legacy-ST sections in the her2st layout, --dataset her2st downloads the four her2st sections.",
+        description="The main job end to end: read sections, cut one tile per spot, embed the tiles with a frozen "
+        "image encoder, train UMPIRE on all sections but one and predict the held-out section's expression from "
+        "H&E alone, next to a ridge probe on the same features. The default data are four synthetic sections made "
+        "offline (imagene.datasets.synthetic_he_st); --data DIR runs the same flow on a folder of legacy-ST sections "
+        "in the her2st layout, --dataset her2st downloads the four her2st sections. Writes imagene_demo.h5ad, "
+        "metrics.json and predicted_vs_measured.png to --out and prints the time of each step.",
+        formatter_class=HelpFormatter,
     )
     demo.add_argument("--out", default="imagene_demo", help="output folder (default: ./imagene_demo)")
     source = demo.add_mutually_exclusive_group()
@@ -71,13 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--sections", nargs="+", default=None, metavar="S",
                       help="sections to use (default: B4 C2 C3 C4 for her2st, else all)")
     demo.add_argument("--test-section", default=None, help="section held out for testing (default: the last one)")
-    demo.add_argument("--encoder", default="efficientnet_lite0", help="image encoder (default: efficientnet_lite0)")
+    demo.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(encoder_help))
     demo.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     demo.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    from imagene.bench._command import DESCRIPTION
+
     bench = sub.add_parser(
-        "bench", help="benchmark UMPIRE against baselines, leaving one section out (expression, retrieval, clustering)"
+        "bench",
+        help="benchmark UMPIRE against baselines, leaving one section out (expression, retrieval, clustering)",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
     )
     from imagene.bench._command import add_arguments, run_command
 

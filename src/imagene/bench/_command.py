@@ -12,6 +12,68 @@ from imagene.bench._methods import TASKS
 DEFAULT_SECTIONS = ("B4", "C2", "C3", "C4")
 DEFAULT_CLUSTER_SECTIONS = ("A1",)
 
+DESCRIPTION = (
+    "Leave-one-section-out benchmark of imagene's models against baselines. Each fold fits every method on the "
+    "training sections only and scores the held-out one: expression (Pearson r and MSE over the 50 most variable "
+    "and most expressed training genes), retrieval (recall@5/10/15 % image <-> gene) and clustering (ARI / NMI "
+    "against pathologist labels). Writes results.json, results.md, <task>.csv and <task>.png to --out, caches "
+    "tile features in --cache, and prints the time of each step."
+)
+
+
+def method_names(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """The names ``--methods`` accepts, by task (those of :func:`imagene.bench.default_methods`).
+
+    Parameters
+    ----------
+    tasks
+        Task names.
+
+    Returns
+    -------
+    ``{task: [method names]}``.
+
+    Examples
+    --------
+    >>> method_names(["clustering"])
+    {'clustering': ['umpire', 'expression_pca', 'image_features']}
+    """
+    from imagene.bench._runner import default_methods
+
+    return {t: [m.name for m in default_methods(t)] for t in tasks}
+
+
+def _methods_help() -> str:
+    names = method_names(TASKS)
+    listed = "; ".join(f"{task}: {' '.join(n)}" for task, n in names.items())
+    return f"run only these methods (default: all of the task's). Names by task: {listed}"
+
+
+def check_methods(names: Sequence[str] | None, tasks: Sequence[str]) -> None:
+    """Refuse ``--methods`` names that run in none of ``tasks``, listing the valid ones (before any data is read).
+
+    Parameters
+    ----------
+    names
+        Names given to ``--methods`` (``None``: all).
+    tasks
+        Tasks requested.
+
+    Returns
+    -------
+    Nothing; raises :class:`SystemExit` with the valid names.
+    """
+    if not names:
+        return
+    valid = method_names(tasks)
+    known = sorted({n for v in valid.values() for n in v})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        by_task = "; ".join(f"{t}: {', '.join(v)}" for t, v in valid.items())
+        raise SystemExit(
+            f"imagene bench: unknown --methods {unknown} for task {'+'.join(tasks)}. Valid names: {by_task}."
+        )
+
 
 def _scale(text: str) -> tuple[str, float]:
     section, sep, value = text.partition("=")
@@ -53,8 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="section", choices=["section", "patient"],
                         help="leave one section or one patient out (patients: obs 'patient' or the letter of a "
                         "her2st id, e.g. C for C2)")
-    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (names in the results)")
-    parser.add_argument("--encoder", default="efficientnet_lite0", help="image encoder (default: efficientnet_lite0)")
+    from imagene._cli import LazyHelp, encoder_help
+
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help=LazyHelp(_methods_help))
+    parser.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(encoder_help))
     parser.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in microns (default: 112)")
     parser.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
@@ -105,6 +169,7 @@ def run_command(args: argparse.Namespace) -> int:
     ig.settings.progress_bar = not args.quiet
     if args.data is not None and not Path(args.data).is_dir():
         raise SystemExit(f"imagene bench: --data {args.data} is not a folder.")
+    check_methods(args.methods, tasks)  # a typo fails here, before any section is read or tiled
     common = {"encoder": args.encoder, "tile_px": args.tile_px, "tile_size_um": args.tile_um, "cache": cache,
               "show_progress_bar": not args.quiet}
     results, timings = {}, {}
@@ -116,6 +181,8 @@ def run_command(args: argparse.Namespace) -> int:
         secs = tuple(args.cluster_sections if group == ("clustering",) else args.sections)
         own = {s: v for s, v in scales.items() if s in secs}
         adata = read_sections(args.data, secs, image_scale=own, **common)
+        timings[f"{'+'.join(group)}: read, tile, embed"] = round(time.perf_counter() - t0, 1)
+        t1 = time.perf_counter()
         methods = list({m.name: m for t in group for m in default_methods(t)}.values())
         methods = _select(methods, args.methods, "+".join(group))
         seeds = [args.seed + i for i in range(args.n_seeds)] if group == ("clustering",) else [args.seed]
@@ -124,6 +191,7 @@ def run_command(args: argparse.Namespace) -> int:
             image_key=f"X_he_{args.encoder}", layer="counts", label_key="label", ignore_labels=("undetermined",),
             n_genes=50, min_detected=0.1, max_epochs=args.epochs, seeds=seeds, n_spot_folds=5, clustering_kwargs=None,
         )
+        timings[f"{'+'.join(group)}: fit and score"] = round(time.perf_counter() - t1, 1)
         timings["+".join(group)] = round(time.perf_counter() - t0, 1)
         for task, df in dfs.items():
             results[task] = df
@@ -144,10 +212,15 @@ def run_command(args: argparse.Namespace) -> int:
         "imagene_version": ig.__version__,
         "seconds": {**timings, "total": round(time.perf_counter() - t_start, 1)},
     }
+    from imagene._cli import print_timings
+
     written = write_results(results, out, config=config)
-    sys.stdout.write(f"\nTotal {config['seconds']['total']:.0f} s. Outputs in {out}/:\n")
+    sys.stdout.write("\n")
+    print_timings({k: v for k, v in timings.items() if ":" in k})
+    sys.stdout.write(f"Total {config['seconds']['total']:.0f} s. Outputs in {out}/:\n")
     for p in written.values():
         sys.stdout.write(f"  {p}\n")
+    sys.stdout.write(f"Cached tile features in {cache}/\n")
     return 0
 
 
@@ -167,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     --------
     >>> imagene.bench.main(["--task", "expression", "--data", "../shared/data/her2st"])
     """
-    parser = argparse.ArgumentParser(prog="python -m imagene.bench", description="Benchmark imagene against baselines.")
+    from imagene._cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="python -m imagene.bench", description=DESCRIPTION,
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run_command(parser.parse_args(argv))

@@ -8,3 +8,7 @@ from imagene.model._stalign import STAlign
 from imagene.model._umpire import UMPIRE
 
 __all__ = ["AlignST", "SIGMMA", "STAlign", "UMPIRE", "AlignmentMixin", "GeneEncoderPretrainer"]
+
+from imagene._settings import settings as _settings
+
+_settings._apply_third_party()  # quiet Lightning / scvi-tools, which set their loggers when imported

@@ -510,6 +510,13 @@ class AlignST(BaseModelClass):
         }
         if val_batches:
             self.history_["pcc_validation"] = pd.DataFrame({"pcc_validation": plan.epoch_val_pcc})
+            from imagene.train import monitor_summary
+
+            self.train_monitor_ = monitor_summary(
+                trainer_kwargs.get("callbacks"), monitor="pcc_validation", mode="max", early_stopping=early_stopping
+            )
+        else:
+            self.train_monitor_ = None  # nothing was validated
         self.is_trained_ = True
         logger.info("AlignST trained on %d seen genes over %d sections", len(seen), len(batches))
 

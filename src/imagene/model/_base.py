@@ -174,6 +174,15 @@ class AlignmentMixin:
             datasplitter_kwargs=datasplitter_kwargs,
             **trainer_kwargs,
         )
+        self._record_monitor(trainer_kwargs, monitor, early_stopping)
+
+    def _record_monitor(self, trainer_kwargs: dict, monitor: tuple[str, str], early_stopping: bool) -> None:
+        """Keep what the fit watched and the epoch it restored (``train_monitor_``, saved with the model)."""
+        from imagene.train import monitor_summary
+
+        self.train_monitor_ = monitor_summary(
+            trainer_kwargs.get("callbacks"), monitor=monitor[0], mode=monitor[1], early_stopping=early_stopping
+        )
 
     def _check_trained(self) -> None:
         if not self.is_trained_:

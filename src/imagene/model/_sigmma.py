@@ -467,6 +467,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             # a batch size from it for the epoch means and says so at every step; the losses are per tile
             warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`")
             runner()
+        self._record_monitor(trainer_kwargs, ("recall5_validation", "max"), early_stopping)
         self._build_reference()
 
     # ---- latents

@@ -28,3 +28,7 @@ __all__ = [
     "AdaptedEncoder",
     "adapter",
 ]
+
+from imagene._settings import settings as _settings
+
+_settings._apply_third_party()  # quiet Lightning / scvi-tools, which set their loggers when imported

@@ -52,6 +52,9 @@ class ImageEncoder(nn.Module):
         Per-channel mean subtracted from [0, 1] inputs.
     std
         Per-channel standard deviation dividing [0, 1] inputs.
+    weights_source
+        Where the weights come from (a checkpoint path, a hub id, ``'random'``, ...), recorded as
+        provenance by :func:`imagene.pp.embed_tiles`.
 
     Attributes
     ----------
@@ -61,6 +64,8 @@ class ImageEncoder(nn.Module):
         Feature width.
     input_px
         Native input size.
+    weights_source
+        Where the weights come from (``'unknown'`` when not given).
     mean, std
         Normalisation buffers, shape (3,).
 
@@ -86,6 +91,7 @@ class ImageEncoder(nn.Module):
         input_px: int = 224,
         mean: Sequence[float] | torch.Tensor = IMAGENET_MEAN,
         std: Sequence[float] | torch.Tensor = IMAGENET_STD,
+        weights_source: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -101,6 +107,7 @@ class ImageEncoder(nn.Module):
         self.name = str(name)
         self.n_features = int(n_features)
         self.input_px = int(input_px)
+        self.weights_source = "unknown" if weights_source is None else str(weights_source)
         self.register_buffer("mean", _as_vector(mean, "mean").view(1, 3, 1, 1).clone())
         self.register_buffer("std", std_vec.view(1, 3, 1, 1).clone())
 

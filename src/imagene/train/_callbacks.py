@@ -48,3 +48,39 @@ class RestoreBestWeights(Callback):
         if self._state is not None:
             pl_module.module.load_state_dict(self._state)
             logger.info("Restored the weights of epoch %d (%s = %.4f)", self.best_epoch + 1, self.monitor, self.best)
+
+
+def monitor_summary(callbacks, *, monitor: str, mode: str, early_stopping: bool) -> dict:
+    """What a fit watched and which epoch's weights it ended with (kept on models as ``train_monitor_``).
+
+    Parameters
+    ----------
+    callbacks
+        The callbacks the trainer ran (a :class:`RestoreBestWeights` among them, or not).
+    monitor
+        The validation metric watched by early stopping and best-weight restoration.
+    mode
+        ``'min'`` or ``'max'``.
+    early_stopping
+        Whether early stopping was on.
+
+    Returns
+    -------
+    ``{"monitor", "mode", "early_stopping", "restored_epoch", "best_value"}``; ``restored_epoch``
+    is 0-based like the index of ``model.history`` (``None``: the last epoch's weights were kept).
+
+    Examples
+    --------
+    >>> from imagene.train import RestoreBestWeights, monitor_summary
+    >>> monitor_summary([RestoreBestWeights()], monitor="validation_loss", mode="min", early_stopping=True)
+    {'monitor': 'validation_loss', 'mode': 'min', 'early_stopping': True, 'restored_epoch': None, 'best_value': None}
+    """
+    best = next((c for c in callbacks or () if isinstance(c, RestoreBestWeights) and c.monitor == monitor), None)
+    restored = best is not None and best._state is not None
+    return {
+        "monitor": monitor,
+        "mode": mode,
+        "early_stopping": bool(early_stopping),
+        "restored_epoch": int(best.best_epoch) if restored else None,
+        "best_value": float(best.best) if restored else None,
+    }
