@@ -171,7 +171,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "mode='adapter' freezes a randomly initialised gene encoder; pass `gene_encoder_weights=` from "
                 "GeneEncoderPretrainer, or use mode='finetune'."
             )
-        self.module = self._module_cls(
+        self.module = self._make_module(
             n_genes=self.summary_stats.n_vars,
             n_image_features=self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"],
             n_latent=n_latent,
@@ -322,6 +322,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return super()._build_reference(batch_size)
         self.reference_latent_ = self._embed(self.adata, "image", None, batch_size).astype(np.float32)
         self.reference_expression_ = sp.csr_matrix(log_normalize(self._gene_input(self.adata)))
+        self._store_similarity_threshold(batch_size, exclude_self=True)
         return None
 
 
