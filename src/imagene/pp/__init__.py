@@ -1,10 +1,22 @@
 """Preprocessing: tiles, frozen image features, niche graphs, section splits."""
 
 from imagene.pp._features import embed_tiles
+from imagene.pp._grid import spot_grid, tissue_mask
 from imagene.pp._niches import niches
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
 from imagene.pp._split import section_split
 from imagene.pp._tile_graphs import embed_tile_crops, tile_graphs
 from imagene.pp._tiles import extract_tiles
 
-__all__ = ["embed_tile_crops", "embed_tiles", "extract_tiles", "niches", "nuclei_maps", "nuclei_mask", "section_split", "tile_graphs"]
+__all__ = [
+    "embed_tile_crops",
+    "embed_tiles",
+    "extract_tiles",
+    "niches",
+    "nuclei_maps",
+    "nuclei_mask",
+    "section_split",
+    "spot_grid",
+    "tile_graphs",
+    "tissue_mask",
+]
