@@ -213,3 +213,25 @@ def test_saved_model_is_small_and_predicts_in_another_process(real, data_dir, tm
     expected = ig.tl.predict_expression(real["model"], test)
     assert [f"{o}-C4" for o in meta["obs"]] == list(test.obs_names)  # io.concat suffixes the section
     np.testing.assert_allclose(pred, expected.layers["imagene_predicted"], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_predict_command_writes_spatialdata_png_and_summary(real, tmp_path, capsys):
+    import spatialdata
+
+    from imagene._cli import main
+
+    out = tmp_path / "C4_pred.zarr"
+    rc = main(["predict", "--model", str(real["dir"]), "--slide", str(real["tif"]), "--out", str(out),
+               "--pitch-um", "400", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "UMPIRE predicted 200 genes" in text
+    summary = json.loads((tmp_path / "C4_pred_summary.json").read_text())
+    assert summary["n_genes"] == 200 and summary["n_spots"] > 20 and len(summary["plotted_genes"]) == 4
+    assert (tmp_path / "C4_pred.png").stat().st_size > 10_000
+    sdata = spatialdata.read_zarr(out)
+    table = sdata.tables["imagene_predictions"]
+    assert table.n_obs == summary["n_spots"] and list(table.var_names) == list(real["genes"])
+    assert np.isfinite(table.layers["imagene_predicted_sd"]).all()
+    assert set(sdata.images) == {"C4_image"} and len(sdata.shapes["C4_spots"]) == table.n_obs
