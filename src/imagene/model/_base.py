@@ -14,7 +14,7 @@ import torch
 from anndata import AnnData
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import check_adata, check_counts, get_counts, log_normalize, warn
+from imagene._utils import check_adata, check_counts, get_counts, warn
 
 if TYPE_CHECKING:
     pass
@@ -290,9 +290,23 @@ class AlignmentMixin:
     def _build_reference(self, batch_size: int = 512) -> None:
         """Store the training spots' gene embeddings and log-normalised expression (saved with the model)."""
         self.reference_latent_ = self._embed(self.adata, "gene", None, batch_size).astype(np.float32)
-        expr = log_normalize(self._gene_input(self.adata))
-        self.reference_expression_ = sp.csr_matrix(expr)
+        self._set_reference_counts(self._gene_input(self.adata))
         self._store_similarity_threshold(batch_size)
+
+    def _set_reference_counts(self, counts: sp.spmatrix) -> None:
+        """Store the reference spots' counts compactly (saved with the model; the expression derives from them)."""
+        self.reference_counts_ = compact_counts(counts)
+        self._reference_expression = None
+
+    @property
+    def reference_expression(self) -> sp.csr_matrix | None:
+        """Log-normalised expression (log1p CP10k) of the reference spots, (n_reference, n_genes) CSR."""
+        if getattr(self, "_reference_expression", None) is None:
+            stored = getattr(self, "reference_counts_", None)
+            if stored is None:  # a model saved before the compact bank
+                return self.__dict__.get("reference_expression_")
+            self._reference_expression = log_normalize_sparse(expand_counts(stored))
+        return self._reference_expression
 
     def _store_similarity_threshold(self, batch_size: int = 512, *, exclude_self: bool = False) -> None:
         """1st percentile of the training spots' best image-to-bank similarity (saved; the OOD threshold).
@@ -330,7 +344,7 @@ class AlignmentMixin:
             raise ValueError(f"k must be >= 1; got {k}.")
         z_q = torch.as_tensor(self.get_latent_representation(adata, indices, batch_size, modality="image"))
         bank = torch.as_tensor(self.reference_latent_)
-        ref = sp.csr_matrix(self.reference_expression_[:, cols], dtype=np.float32)
+        ref = sp.csr_matrix(self.reference_expression[:, cols], dtype=np.float32)
         ref_sq = ref.multiply(ref).tocsr()
         scale = float(self.module.logit_scale().detach().cpu())
         preds, sds, best = [], [], []
@@ -346,7 +360,9 @@ class AlignmentMixin:
                 w = torch.ones_like(top)
             w = (w / w.sum(1, keepdim=True)).numpy().astype(np.float64)
             n_q = w.shape[0]
-            weights = sp.csr_matrix((w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0]))
+            weights = sp.csr_matrix(
+                (w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0])
+            )
             mean = np.asarray((weights @ ref).todense())
             second = np.asarray((weights @ ref_sq).todense())
             preds.append(mean.astype(np.float32))
@@ -438,7 +454,9 @@ class AlignmentMixin:
         """
         adata = self._query(adata)
         cols = self._gene_columns(gene_list)
-        pred, sd, _ = self._predict_reference(adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size)
+        pred, sd, _ = self._predict_reference(
+            adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size
+        )
         return _format_prediction(self, adata, indices, cols, pred, sd if return_sd else None, return_numpy)
 
     # ---- persistence
@@ -640,3 +658,34 @@ def mc_dropout_sd(module: torch.nn.Module, forward: Any, n_samples: int = 16, se
             m.eval()
         torch.random.set_rng_state(state)
     return draws.std(0).astype(np.float32)
+
+
+def compact_counts(counts: Any) -> dict[str, Any]:
+    """Integer counts as a small CSR record: uint16 values and column indices when they fit (lossless)."""
+    x = sp.csr_matrix(counts, dtype=np.float32)
+    x.sum_duplicates()
+    data = x.data
+    small = data.size == 0 or (np.all(data == np.round(data)) and data.min() >= 0 and data.max() < 2**16)
+    return {
+        "data": data.astype(np.uint16) if small else data,
+        "indices": x.indices.astype(np.uint16 if x.shape[1] < 2**16 else np.int32),
+        "indptr": x.indptr.astype(np.int64),
+        "shape": tuple(int(v) for v in x.shape),
+    }
+
+
+def expand_counts(stored: dict[str, Any]) -> sp.csr_matrix:
+    """The CSR float32 counts of :func:`compact_counts`."""
+    return sp.csr_matrix(
+        (stored["data"].astype(np.float32), stored["indices"].astype(np.int32), stored["indptr"]), shape=stored["shape"]
+    )
+
+
+def log_normalize_sparse(counts: sp.spmatrix, target_sum: float = 1e4) -> sp.csr_matrix:
+    """:func:`imagene._utils.log_normalize` on sparse counts, kept sparse (same float32 values)."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    lib = np.asarray(x.sum(1), dtype=np.float32).ravel()
+    lib[lib == 0] = 1.0
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    x.data = np.log1p(x.data / lib[rows] * np.float32(target_sum)).astype(np.float32)
+    return x

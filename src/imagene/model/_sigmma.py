@@ -264,7 +264,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         )
         self.tile_size_um_ = float(adata.uns[KEYS.TILE_GRAPHS]["tile_size_um"])
         self.reference_latent_ = None
-        self.reference_expression_ = None
+        self.reference_counts_ = None
         self._cache: dict[Any, _TileData] = {}
         self._model_summary_string = (
             f"SIGMMA: {self.summary_stats.n_vars} genes, {self.tile_size_um_:.0f} µm tiles, n_latent={n_latent} "

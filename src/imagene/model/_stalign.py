@@ -191,7 +191,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.module.probe.requires_grad_(False)
         self.reference_latent_ = None
-        self.reference_expression_ = None
+        self.reference_counts_ = None
         self.probe_trained_ = False
         self._model_summary_string = (
             f"STAlign: {self.summary_stats.n_vars} genes, n_latent={n_latent}, fusion={fusion!r}, "
