@@ -90,6 +90,7 @@ def run_fold(adata, test: str, model_name: str, max_epochs: int, workdir: Path) 
     q = query.copy()
     del q.obsm["X_he_efficientnet_lite0"]  # recomputed from the image with the model's tile settings
     out = ig.tl.predict_expression(loaded, q, **kwargs)
+    out = q if out is None else out  # the query measures the model's genes: written into its layers
     y = log_normalize(query[:, out.var_names].layers["counts"])
     res = {"test": test, "model": model_name, "n_spots": int(query.n_obs), "fit_s": round(t_fit, 1),
            "ood_share": float(out.obs["imagene_ood"].mean()) if "imagene_ood" in out.obs else None}

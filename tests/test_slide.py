@@ -56,6 +56,11 @@ def test_read_slide_backends_regions_and_microns_per_pixel(tmp_path):
     t = ig.io.read_slide(tmp_path / "plain.tif")
     assert t.backend == "tifffile" and t.microns_per_pixel == pytest.approx(0.25)
     np.testing.assert_array_equal(t.read_region(100, 50, 70, 40), img[50:90, 100:170])
+    # one level only: the thumbnail is averaged down block by block, and matches a whole-image resize
+    thumb, scale = t.thumbnail(max_px=300)
+    assert thumb.shape == (225, 300, 3) and scale == pytest.approx(0.25)
+    expected = np.asarray(Image.fromarray(img).resize((300, 225), Image.Resampling.BOX)).astype(int)
+    assert np.abs(thumb.astype(int) - expected).mean() < 2
     # no resolution in the metadata: the error names the argument, which then works
     _write_tiff(tmp_path / "nores.tif", img)
     Image.fromarray(img).save(tmp_path / "he.png")

@@ -140,6 +140,10 @@ class Slide:
     def thumbnail(self, max_px: int = 2000) -> tuple[np.ndarray, float]:
         """A downscaled RGB copy whose longest side is at most ``max_px``, read from a coarse level.
 
+        When the slide has no level coarse enough (e.g. a single-level TIFF), the finest useful
+        level is read block by block and each block is averaged down as it is read, so memory stays
+        bounded by one block (never the whole slide).
+
         Returns
         -------
         ``(image, scale)``: the ``(h, w, 3)`` uint8 image and its pixels per level-0 pixel.
@@ -148,14 +152,26 @@ class Slide:
 
         w0, h0 = self.level_dimensions[0]
         target = max(w0, h0) / float(max_px)
-        level = self.best_level(max(target, 1.0))
-        lw, lh = self.level_dimensions[level]
         if self.backend == "pil":
-            img = self._level_array(0)
-        else:
-            img = self.read_region(0, 0, lw, lh, level=level)
-        small, s = downscale(img, max_px)
-        return small, float(s * lw / w0)
+            small, s = downscale(self._level_array(0), max_px)
+            return small, float(s)
+        level = self.best_level(max(target, 1.0))
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        f = max(1, int(target / ds))  # further integer reduction, done block by block
+        out = np.empty((-(-lh // f), -(-lw // f), 3), np.uint8)
+        block = f * 256
+        for by in range(0, lh, block):
+            for bx in range(0, lw, block):
+                bw, bh = min(block, lw - bx), min(block, lh - by)
+                reg = self.read_region(int(round(bx * ds)), int(round(by * ds)), bw, bh, level=level)
+                if f > 1:
+                    ph, pw = -(-bh // f) * f - bh, -(-bw // f) * f - bw
+                    reg = np.pad(reg, ((0, ph), (0, pw), (0, 0)), mode="edge")
+                    reg = reg.reshape(reg.shape[0] // f, f, reg.shape[1] // f, f, 3).mean((1, 3)).round().astype(np.uint8)
+                out[by // f : by // f + reg.shape[0], bx // f : bx // f + reg.shape[1]] = reg
+        small, s = downscale(out, max_px)
+        return small, float(s * out.shape[1] / w0)
 
     def to_dask(self, chunk_px: int = 1024) -> Any:
         """Level 0 as a lazy ``(H, W, 3)`` dask array whose chunks are read on demand."""
