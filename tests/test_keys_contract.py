@@ -274,12 +274,19 @@ def test_tl_embed_keys(trained, featured):
 def test_tl_predict_expression_keys(trained, featured):
     q = featured.copy()
     assert ig.tl.predict_expression(trained, q) is None
-    assert _added(featured, q) == {"layers": {"imagene_predicted"}}
+    assert _added(featured, q) == {
+        "layers": {"imagene_predicted", "imagene_predicted_sd"},
+        "obs": {"imagene_reference_similarity", "imagene_ood"},
+    }
     pred = q.layers["imagene_predicted"]
     assert isinstance(pred, np.ndarray) and pred.shape == (q.n_obs, q.n_vars) and pred.dtype == np.float32
     assert not np.isnan(pred).any() and (pred >= 0).all() and pred.max() > 0
+    sd = q.layers["imagene_predicted_sd"]
+    assert sd.shape == pred.shape and sd.dtype == np.float32 and (sd >= 0).all() and sd.max() > 0
+    assert q.obs["imagene_ood"].dtype == bool
 
-    # a query with genes the model lacks: a NEW AnnData over the predictable genes, query untouched
+    # one rule for genes: a query whose genes are not the model's (other genes, a subset, another
+    # order) is left untouched and a NEW AnnData over the model's genes is returned
     genes = list(trained.gene_names[:10])
     extra = AnnData(
         X=sp.csr_matrix((featured.n_obs, 12), dtype=np.float32),
@@ -287,18 +294,18 @@ def test_tl_predict_expression_keys(trained, featured):
         var=pd.DataFrame(index=[*genes, "NOT_A_GENE_1", "NOT_A_GENE_2"]),
         obsm={"X_he_tiny": featured.obsm["X_he_tiny"].copy()},
     )
-    extra_before = extra.copy()
-    with pytest.warns(UserWarning, match="2 of adata's 12 genes are unknown"):
-        out = ig.tl.predict_expression(trained, extra)
-    assert isinstance(out, AnnData) and out is not extra
-    assert list(out.var_names) == genes and out.n_obs == extra.n_obs
-    assert _added(extra_before, extra) == {}
-    assert "imagene_predicted" in out.layers and out.layers["imagene_predicted"].shape == (extra.n_obs, 10)
-    np.testing.assert_allclose(out.layers["imagene_predicted"], pred[:, :10], rtol=1e-5, atol=1e-6)
-
-    # a query measuring only some of the model's genes: predicted in place for those genes
+    for query in (extra, featured[:, genes[::-1]].copy()):
+        before = query.copy()
+        out = ig.tl.predict_expression(trained, query, key_added="pred")
+        assert isinstance(out, AnnData) and out is not query
+        assert _added(before, query) == {}
+        assert out.var_names.equals(trained.gene_names) and out.obs_names.equals(query.obs_names)
+        assert list(out.obs["section"]) == list(query.obs["section"])
+        np.testing.assert_allclose(out.layers["pred"], pred, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.layers["imagene_predicted_sd"], sd, rtol=1e-5, atol=1e-6)
+    # genes= chooses the predicted genes; they equal the query's here, so they go into its layers
     sub = featured[:, genes[::-1]].copy()
     sub_before = sub.copy()
-    assert ig.tl.predict_expression(trained, sub, key_added="pred") is None
-    assert _added(sub_before, sub) == {"layers": {"pred"}}
+    assert ig.tl.predict_expression(trained, sub, genes=sub.var_names, key_added="pred", sd_key_added=None) is None
+    assert _added(sub_before, sub) == {"layers": {"pred"}, "obs": {"imagene_reference_similarity", "imagene_ood"}}
     np.testing.assert_allclose(sub.layers["pred"], pred[:, :10][:, ::-1], rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -118,15 +119,23 @@ def test_save_load_round_trip(trained, tmp_path):
     assert set(loaded.history) == set(m.history)
 
 
-def test_load_with_other_genes_is_refused(trained, tmp_path):
-    m, a, _ = trained
+def test_load_without_data_or_with_other_genes(trained, tmp_path):
+    m, a, test = trained
     m.save(tmp_path / "model", overwrite=True)
-    other = a[:, a.var_names[:-5]].copy()
-    with pytest.raises(ValueError, match="genes differ"):
-        ig.model.UMPIRE.load(tmp_path / "model", adata=other)
-    shuffled = a[:, a.var_names[::-1]].copy()
-    with pytest.raises(ValueError, match="other order"):
-        ig.model.UMPIRE.load(tmp_path / "model", adata=shuffled)
+    expected = m.predict_expression(test, return_numpy=True)
+    alone = ig.model.UMPIRE.load(tmp_path / "model")
+    assert alone.adata is None and list(alone.gene_names) == list(a.var_names)
+    np.testing.assert_array_equal(alone.predict_expression(test, return_numpy=True), expected)
+    with pytest.raises(ValueError, match="pass the AnnData"):
+        alone.get_latent_representation()
+    # a query with other genes (or none) loads the model without registering the query
+    other = test[:, test.var_names[:-5]].copy()
+    loaded = ig.model.UMPIRE.load(tmp_path / "model", adata=other)
+    assert loaded.adata is None
+    np.testing.assert_array_equal(loaded.predict_expression(other, return_numpy=True), expected)
+    image_only = ad.AnnData(obs=test.obs[[]].copy(), obsm={"X_he_tiny": test.obsm["X_he_tiny"]})
+    loaded = ig.model.UMPIRE.load(tmp_path / "model", adata=image_only)
+    np.testing.assert_array_equal(loaded.predict_expression(image_only, return_numpy=True), expected)
 
 
 def test_query_genes_are_matched_by_name(trained):

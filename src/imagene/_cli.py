@@ -1,4 +1,4 @@
-"""Command line: ``imagene demo`` and ``imagene bench``."""
+"""Command line: ``imagene demo``, ``imagene bench`` and ``imagene predict``."""
 
 from __future__ import annotations
 
@@ -154,6 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_arguments(bench)
     bench.set_defaults(func=run_command)
+    predict = sub.add_parser(
+        "predict", help="predict expression over an H&E slide with a saved model (SpatialData zarr, PNG, summary)"
+    )
+    from imagene import _predict
+
+    _predict.add_arguments(predict)
+    predict.set_defaults(func=_predict.run_command)
     args = parser.parse_args(argv)
     return args.func(args)
 

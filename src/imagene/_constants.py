@@ -28,6 +28,11 @@ class _Keys(NamedTuple):
     LATENT_PREFIX: str = "X_imagene_"  # obsm: model latents X_imagene_<modality>
     NICHE: str = "imagene_niche"  # obsp: <key>_connectivities / _distances, uns: <key>_neighbors, layers: <key>_mean
     PREDICTED: str = "imagene_predicted"  # layers: predicted expression
+    PREDICTED_SD: str = "imagene_predicted_sd"  # layers: spread of the prediction (tl.predict_expression)
+    REFERENCE_SIMILARITY: str = "imagene_reference_similarity"  # obs: best image-to-reference similarity
+    OOD: str = "imagene_ood"  # obs: spot unlike every training spot (tl.predict_expression)
+    IN_TISSUE: str = "imagene_in_tissue"  # obs: virtual spot over tissue (pp.spot_grid)
+    TISSUE_FRACTION: str = "imagene_tissue_fraction"  # obs: share of the spot's disc on tissue (pp.spot_grid)
     SPLIT: str = "imagene_split"  # obs: train / validation / test
     NUCLEI: str = "imagene_nuclei"  # obsm: (n, px, px) nuclei density maps from H&E deconvolution (pp.nuclei_maps)
     GENE_EMBEDDING: str = "imagene_gene_embedding"  # varm: per-gene embeddings (AlignST.get_gene_embedding)

@@ -13,7 +13,9 @@ from imagene._utils import warn
 
 logger = logging.getLogger("imagene")
 
-LAZY_SUFFIXES = (".tif", ".tiff", ".zarr", ".ome.zarr", ".svs")
+LAZY_SUFFIXES = (".tif", ".tiff", ".zarr", ".ome.zarr", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+#: whole-slide formats opened through OpenSlide (:func:`imagene.io.read_slide`)
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
 def as_rgb(image: np.ndarray, *, name: str = "image") -> np.ndarray:
@@ -92,7 +94,8 @@ def read_image_downscaled(path: str | os.PathLike, max_px: int) -> tuple[np.ndar
 def open_lazy(path: str | os.PathLike, element: str | None = None) -> Any:
     """Open an image lazily as a dask array of shape (H, W, C).
 
-    TIFF files are opened through tifffile's zarr interface, SpatialData stores through
+    TIFF files are opened through tifffile's zarr interface, whole-slide formats (SVS, NDPI,
+    MRXS, ...) through OpenSlide (:func:`imagene.io.read_slide`), SpatialData stores through
     :func:`spatialdata.read_zarr` (``element`` names the image element); other formats
     (JPEG, PNG) cannot be read lazily and are decoded whole by :func:`read_image`.
     """
@@ -108,7 +111,11 @@ def open_lazy(path: str | os.PathLike, element: str | None = None) -> Any:
                 raise ValueError(f"{p!r} holds images {list(sdata.images)}; name one with `element=`.")
             element = next(iter(sdata.images))
         return spatialdata_image_to_dask(sdata.images[element])
-    if p.lower().endswith((".tif", ".tiff", ".svs")):
+    if p.lower().endswith(SLIDE_ONLY_SUFFIXES):
+        from imagene.io._slide import read_slide
+
+        return read_slide(p, microns_per_pixel=1.0).to_dask()  # pixels only: the caller knows the scale
+    if p.lower().endswith((".tif", ".tiff")):
         import tifffile
         import zarr
 

@@ -439,3 +439,75 @@ def _find_image(sdata: SpatialData, lib: str, cs: str) -> str | None:
         if px > best_px:
             best, best_px = name, px
     return best
+
+
+def predictions_to_spatialdata(
+    adata: AnnData,
+    sdata: SpatialData | None = None,
+    *,
+    table_key: str = "imagene_predictions",
+    library_key: str | None = None,
+    add_image: bool = True,
+) -> SpatialData:
+    """Put predictions (e.g. of a slide grid) into a new or an existing :class:`spatialdata.SpatialData`.
+
+    ``adata`` is what :func:`imagene.tl.predict_expression` returns (or a query it wrote into):
+    spots with ``obsm['spatial']``, ``uns['spatial']`` and the prediction layers. The elements are
+    those of :func:`to_spatialdata`: per section a shapes element ``f"{lib}_spots"`` (circles of the
+    spot diameter), the section image ``f"{lib}_image"`` (the slide itself, multiscale, read lazily
+    from its file) and one table ``table_key`` annotating the shapes, with the predictions in
+    ``X`` and ``layers`` (``imagene_predicted``, ``imagene_predicted_sd``) and the flags in ``obs``.
+    spatialdata-plot then shows them, e.g.
+    ``sdata.pl.render_images(f"{lib}_image").pl.render_shapes(f"{lib}_spots", color="ERBB2", table_name=table_key).pl.show()``.
+
+    Parameters
+    ----------
+    adata
+        Spots with predictions.
+    sdata
+        SpatialData to add the elements to (``None``: a new one). Elements of the same name are
+        not overwritten: an image already there is kept, shapes are renamed ``f"{lib}_spots_imagene"``.
+    table_key
+        Name of the table; must not exist in ``sdata``.
+    library_key
+        ``obs`` column of sections (see :func:`to_spatialdata`).
+    add_image
+        Add the section images (``False``: only shapes and table).
+
+    Returns
+    -------
+    The SpatialData (``sdata`` itself when given).
+
+    Examples
+    --------
+    >>> out = imagene.tl.predict_expression(model, grid)
+    >>> sdata = imagene.io.predictions_to_spatialdata(out)
+    >>> sdata.write("predictions.zarr")
+    """
+    from spatialdata.models import TableModel
+
+    new = to_spatialdata(adata, library_key=library_key, table_key=table_key)
+    if sdata is None:
+        if not add_image:
+            for name in list(new.images):
+                del new.images[name]
+        return new
+    if table_key in sdata.tables:
+        raise ValueError(f"sdata already has a table {table_key!r}; pass another `table_key=`.")
+    table = new.tables[table_key]
+    rename = {name: (f"{name}_imagene" if name in sdata.shapes else name) for name in new.shapes}
+    for old, name in rename.items():
+        sdata.shapes[name] = new.shapes[old]
+    if add_image:
+        for name, image in new.images.items():
+            if name not in sdata.images:
+                sdata.images[name] = image
+    attrs = table.uns.pop("spatialdata_attrs")
+    table.obs[REGION_KEY] = pd.Categorical(
+        table.obs[REGION_KEY].astype(str).map(rename), categories=[rename[r] for r in new.shapes]
+    )
+    sdata.tables[table_key] = TableModel.parse(
+        table, region=[rename[r] for r in new.shapes], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
+    )
+    logger.info("Added table %r and shapes %s to the SpatialData", table_key, sorted(rename.values()))
+    return sdata

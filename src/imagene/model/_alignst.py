@@ -17,8 +17,8 @@ from scvi.model.base import BaseModelClass
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
-from imagene._utils import check_adata, get_counts, log_normalize, warn
-from imagene.model._base import AlignmentMixin
+from imagene._utils import get_counts, log_normalize, warn
+from imagene.model._base import AlignmentMixin, make_module, mc_dropout_sd, resolve_query
 from imagene.module._alignst import AlignSTModule, mse_pcc_loss
 
 logger = logging.getLogger("imagene")
@@ -158,6 +158,8 @@ class AlignST(BaseModelClass):
     >>> adata.obsm["X_imagene_alignst"] = model.get_latent_representation()
     """
 
+    _module_cls = AlignSTModule
+
     def __init__(
         self,
         adata: AnnData,
@@ -174,13 +176,14 @@ class AlignST(BaseModelClass):
     ) -> None:
         super().__init__(adata)
         args = self._setup_args
-        self.use_nuclei = args.get("nuclei_key") is not None
-        self.n_spatial_neighbors = int(n_spatial_neighbors)
-        self.n_feature_neighbors = int(n_feature_neighbors)
-        self.max_text_length = int(max_text_length)
+        self._init_without_data(
+            {"n_spatial_neighbors": n_spatial_neighbors, "n_feature_neighbors": n_feature_neighbors,
+             "max_text_length": max_text_length}
+        )
         emb_key = args.get("gene_embedding_key")
         n_text = 384 if emb_key is None else int(adata.varm[emb_key].shape[1])
-        self.module = AlignSTModule(
+        self.module = make_module(
+            self,
             self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"],
             n_text_input=n_text,
             n_hidden=n_hidden,
@@ -193,12 +196,28 @@ class AlignST(BaseModelClass):
             **module_kwargs,
         )
         self.seen_genes_: list[str] | None = None
-        self._token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.gene_embedding_table_: pd.DataFrame | None = None
         self._model_summary_string = (
             f"AlignST: image input {self.image_key!r}, nuclei maps {'on' if self.use_nuclei else 'off'}, "
             f"gene side {'text (all-MiniLM-L6-v2)' if emb_key is None else f'varm[{emb_key!r}]'}, n_hidden={n_hidden}"
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _init_without_data(self, init_kwargs: dict) -> None:
+        """Plain attributes, set from the init arguments (also for a model loaded without data)."""
+        self.use_nuclei = self._setup_args.get("nuclei_key") is not None
+        self.n_spatial_neighbors = int(init_kwargs.get("n_spatial_neighbors", 6))
+        self.n_feature_neighbors = int(init_kwargs.get("n_feature_neighbors", 6))
+        self.max_text_length = int(init_kwargs.get("max_text_length", 32))
+        self._token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    #: the loader of every imagene model: with or without data (see :meth:`imagene.model.UMPIRE.load`)
+    load = classmethod(AlignmentMixin.load.__func__)
+
+    @property
+    def gene_names(self) -> pd.Index:
+        """The model's genes: the seen (training) genes, predicted by default; any gene with a description can be asked for."""
+        return pd.Index(self.seen_genes_ or [])
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -302,7 +321,10 @@ class AlignST(BaseModelClass):
         emb_key = self._setup_args.get("gene_embedding_key")
         genes = [str(g) for g in genes]
         if emb_key is not None:
-            table = pd.DataFrame(np.asarray(self.adata.varm[emb_key]), index=self.adata.var_names)
+            if self.adata is not None:
+                table = pd.DataFrame(np.asarray(self.adata.varm[emb_key]), index=self.adata.var_names)
+            else:  # loaded without data: the seen genes' embeddings were saved with the model
+                table = self.gene_embedding_table_ if self.gene_embedding_table_ is not None else pd.DataFrame()
             if gene_embeddings is not None:
                 table = pd.concat([table[~table.index.isin(gene_embeddings.index)], pd.DataFrame(gene_embeddings)])
             missing = [g for g in genes if g not in table.index]
@@ -504,6 +526,11 @@ class AlignST(BaseModelClass):
         self.module.eval()
         self.module.cpu()
         self.seen_genes_ = list(seen)
+        emb_key = self._setup_args.get("gene_embedding_key")
+        if emb_key is not None:  # saved with the model, so that it predicts without the training AnnData
+            self.gene_embedding_table_ = pd.DataFrame(
+                np.asarray(self.adata.varm[emb_key])[self.adata.var_names.get_indexer(seen)], index=pd.Index(seen)
+            )
         self.history_ = {
             "train_loss": pd.DataFrame({"train_loss": plan.epoch_losses}),
             "train_pcc": pd.DataFrame({"train_pcc": plan.epoch_pcc}),
@@ -533,8 +560,10 @@ class AlignST(BaseModelClass):
         gene_text: Mapping[str, str] | pd.Series | None = None,
         gene_embeddings: pd.DataFrame | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Spot latents ``(n, d)``, predictions ``(n, G)`` and each section's gene embeddings ``(G, d)``."""
-        self.module.eval()
+        """Spot latents ``(n, d)``, predictions ``(n, G)`` and each section's gene embeddings ``(G, d)``.
+
+        The module's mode is left as it is (evaluation, or Monte-Carlo dropout in ``_predict_full``).
+        """
         genes = list(genes)
         # the gene graph sees the requested genes together with the seen genes (as context), so a
         # gene's prediction does not depend on which other genes were requested
@@ -574,8 +603,7 @@ class AlignST(BaseModelClass):
         if modality != "image":
             raise ValueError(f"AlignST embeds spots from the image only: modality must be 'image'; got {modality!r}.")
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
+        adata = resolve_query(self, adata)
         self.module.eval()
         latent = np.zeros((adata.n_obs, self.module.spot_head.out_features), np.float32)
         with torch.inference_mode():
@@ -592,7 +620,8 @@ class AlignST(BaseModelClass):
         gene_text: Mapping[str, str] | pd.Series | None = None,
         gene_embeddings: pd.DataFrame | None = None,
         return_numpy: bool = False,
-    ) -> pd.DataFrame | np.ndarray:
+        return_sd: bool = False,
+    ) -> pd.DataFrame | np.ndarray | tuple:
         """Predicted log1p CP10k expression of any gene with a description, seen in training or not.
 
         Parameters
@@ -608,29 +637,47 @@ class AlignST(BaseModelClass):
         gene_embeddings
             New genes' embeddings (DataFrame genes × D) when the model uses ``varm`` embeddings.
         return_numpy
-            Return an array instead of a DataFrame.
+            Return arrays instead of DataFrames.
+        return_sd
+            Also return the per-spot, per-gene spread over 16 Monte-Carlo-dropout passes.
 
         Returns
         -------
-        ``(n_obs, n_genes)`` DataFrame (obs names × genes) or array; write it yourself, e.g.
-        ``query.layers["imagene_predicted"] = ...`` for the measured genes.
+        ``(n_obs, n_genes)`` DataFrame (obs names × genes) or array (a tuple ``(prediction, sd)``
+        with ``return_sd``); :func:`imagene.tl.predict_expression` writes it into the AnnData.
 
         Examples
         --------
         >>> pred = model.predict_expression(query, genes=["ERBB2", "GATA3"])
         """
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
+        adata = resolve_query(self, adata)
         genes = list(self.seen_genes_) if genes is None else [str(g) for g in genes]
         if not genes:
             raise ValueError("genes is empty; pass the symbols of the genes to predict.")
         if len(set(genes)) != len(genes):
             raise ValueError("genes holds duplicates; pass each symbol once.")
-        _, pred, _ = self._forward_sections(adata, genes, gene_text, gene_embeddings)
-        if return_numpy:
-            return pred
-        return pd.DataFrame(pred, index=adata.obs_names, columns=pd.Index(genes))
+        out = self._predict_full(adata, genes, gene_text=gene_text, gene_embeddings=gene_embeddings, sd=return_sd)
+        pred, sd = out["pred"], out["sd"]
+        if not return_numpy:
+            pred = pd.DataFrame(pred, index=adata.obs_names, columns=pd.Index(genes))
+            sd = None if sd is None else pd.DataFrame(sd, index=adata.obs_names, columns=pd.Index(genes))
+        return (pred, sd) if return_sd else pred
+
+    def _predict_full(
+        self, adata: AnnData, genes: Sequence[str], *, sd: bool = True, **kwargs: Any
+    ) -> dict[str, np.ndarray | None]:
+        """Prediction and Monte-Carlo-dropout spread (16 passes) of ``genes`` (see tl.predict_expression)."""
+        genes = [str(g) for g in genes]
+        self.module.eval()
+        _, pred, _ = self._forward_sections(adata, genes, kwargs.get("gene_text"), kwargs.get("gene_embeddings"))
+        spread = None
+        if sd:
+            spread = mc_dropout_sd(
+                self.module,
+                lambda: self._forward_sections(adata, genes, kwargs.get("gene_text"), kwargs.get("gene_embeddings"))[1],
+            )
+        return {"pred": pred, "sd": spread, "similarity": None}
 
     def get_gene_embedding(
         self,
@@ -659,7 +706,8 @@ class AlignST(BaseModelClass):
         DataFrame genes × ``n_hidden``.
         """
         self._check_trained()
-        adata = self.adata if adata is None else adata
+        adata = resolve_query(self, adata)
         genes = list(self.seen_genes_) if genes is None else [str(g) for g in genes]
+        self.module.eval()
         _, _, embs = self._forward_sections(adata, genes, gene_text)
         return pd.DataFrame(np.mean(embs, axis=0), index=pd.Index(genes))

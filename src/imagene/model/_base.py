@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ import torch
 from anndata import AnnData
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import check_adata, check_counts, get_counts, log_normalize, warn
+from imagene._utils import check_adata, check_counts, get_counts, warn
 
 if TYPE_CHECKING:
     pass
@@ -188,6 +188,12 @@ class AlignmentMixin:
         if not self.is_trained_:
             raise RuntimeError(f"The {type(self).__name__} model is not trained yet. Call `model.train()` first.")
 
+    def _query(self, adata: AnnData | None) -> AnnData:
+        return resolve_query(self, adata)
+
+    def _make_module(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        return make_module(self, *args, **kwargs)
+
     # ---- aligned inputs for any AnnData (query or reference)
     def _image_input(self, adata: AnnData, idx: np.ndarray) -> np.ndarray:
         key = self.image_key
@@ -286,81 +292,71 @@ class AlignmentMixin:
         if modality not in ("image", "gene", "joint"):
             raise ValueError(f"modality must be 'image', 'gene' or 'joint'; got {modality!r}.")
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
+        adata = self._query(adata)
         return self._embed(adata, modality, indices, batch_size)
 
     # ---- query-reference prediction (UMPIRE / BLEEP style)
     def _build_reference(self, batch_size: int = 512) -> None:
         """Store the training spots' gene embeddings and log-normalised expression (saved with the model)."""
         self.reference_latent_ = self._embed(self.adata, "gene", None, batch_size).astype(np.float32)
-        expr = log_normalize(self._gene_input(self.adata))
-        self.reference_expression_ = sp.csr_matrix(expr)
+        self._set_reference_counts(self._gene_input(self.adata))
+        self._store_similarity_threshold(batch_size)
+
+    def _set_reference_counts(self, counts: sp.spmatrix) -> None:
+        """Store the reference spots' counts compactly (saved with the model; the expression derives from them)."""
+        self.reference_counts_ = compact_counts(counts)
+        self._reference_expression = None
+
+    @property
+    def reference_expression(self) -> sp.csr_matrix | None:
+        """Log-normalised expression (log1p CP10k) of the reference spots, (n_reference, n_genes) CSR."""
+        if getattr(self, "_reference_expression", None) is None:
+            stored = getattr(self, "reference_counts_", None)
+            if stored is None:  # a model saved before the compact bank
+                return self.__dict__.get("reference_expression_")
+            self._reference_expression = log_normalize_sparse(expand_counts(stored))
+        return self._reference_expression
+
+    def _store_similarity_threshold(self, batch_size: int = 512, *, exclude_self: bool = False) -> None:
+        """1st percentile of the training spots' best image-to-bank similarity (saved; the OOD threshold).
+
+        ``exclude_self``: the bank holds the training spots' own image embeddings, so each spot's
+        best match is itself; the second best is used.
+        """
+        z = torch.as_tensor(self._embed(self.adata, "image", None, batch_size))
+        bank = torch.as_tensor(self.reference_latent_)
+        j = 1 if exclude_self and bank.shape[0] > 1 else 0
+        best = torch.cat(
+            [(z[s : s + 1024] @ bank.T).topk(j + 1, dim=1).values[:, j] for s in range(0, z.shape[0], 1024)]
+        )
+        self.ood_similarity_threshold_ = float(np.quantile(best.numpy(), 0.01))
 
     @torch.inference_mode()
-    def predict_expression(
+    def _predict_reference(
         self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
+        adata: AnnData,
+        indices: Sequence[int] | None,
         *,
-        k: int = 50,
-        weighting: Literal["similarity", "softmax", "uniform"] = "similarity",
-        gene_list: Sequence[str] | None = None,
-        batch_size: int = 512,
-        return_numpy: bool = False,
-    ) -> pd.DataFrame | np.ndarray:
-        """Predict expression from the image alone by query-reference retrieval.
-
-        Each query spot's image embedding is compared (cosine) with the gene embeddings of the
-        reference bank (the training spots, stored with the model); the prediction is the
-        weighted mean of the log-normalised expression (``log1p`` of counts per 10k) of the ``k``
-        most similar reference spots.
-
-        Parameters
-        ----------
-        adata
-            Query with ``obsm[image_key]`` (no expression needed); the training AnnData when ``None``.
-        indices
-            Subset of query observations.
-        k
-            Number of reference neighbours.
-        weighting
-            ``'similarity'`` (weights ∝ positive cosine similarity), ``'softmax'`` (the model's own
-            temperature) or ``'uniform'``.
-        gene_list
-            Genes to return (default: all of the model's genes).
-        batch_size
-            Query spots per step.
-        return_numpy
-            Return an array instead of a DataFrame.
-
-        Returns
-        -------
-        (n_obs, n_genes) log-normalised predictions as a DataFrame (obs names × genes) or array.
-        """
+        k: int,
+        weighting: str,
+        cols: np.ndarray,
+        batch_size: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Query-reference retrieval: (prediction, weighted spread of the neighbours, best similarity)."""
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
         if getattr(self, "reference_latent_", None) is None:
             raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
         if weighting not in ("similarity", "softmax", "uniform"):
             raise ValueError(f"weighting must be 'similarity', 'softmax' or 'uniform'; got {weighting!r}.")
-        genes = self.gene_names
-        cols = np.arange(len(genes))
-        if gene_list is not None:
-            pos = genes.get_indexer(pd.Index(gene_list))
-            if (pos < 0).any():
-                unknown = pd.Index(gene_list)[pos < 0][:10].tolist()
-                raise KeyError(f"Genes not known to the model: {unknown}. Use genes from `model.gene_names`.")
-            cols = pos
         k = int(min(k, self.reference_latent_.shape[0]))
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}.")
         z_q = torch.as_tensor(self.get_latent_representation(adata, indices, batch_size, modality="image"))
         bank = torch.as_tensor(self.reference_latent_)
-        ref = self.reference_expression_[:, cols].tocsr()
+        ref = sp.csr_matrix(self.reference_expression[:, cols], dtype=np.float32)
+        ref_sq = ref.multiply(ref).tocsr()
         scale = float(self.module.logit_scale().detach().cpu())
-        rows = []
+        preds, sds, best = [], [], []
         for start in range(0, z_q.shape[0], batch_size):
             sim = z_q[start : start + batch_size] @ bank.T
             top, pos = sim.topk(k, dim=1)
@@ -371,35 +367,334 @@ class AlignmentMixin:
                 w = torch.softmax(top * scale, dim=1)
             else:
                 w = torch.ones_like(top)
-            w = (w / w.sum(1, keepdim=True)).numpy()
+            w = (w / w.sum(1, keepdim=True)).numpy().astype(np.float64)
             n_q = w.shape[0]
-            weights = sp.csr_matrix((w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0]))
-            rows.append(np.asarray((weights @ ref).todense(), dtype=np.float32))
-        pred = np.concatenate(rows) if rows else np.zeros((0, len(cols)), np.float32)
-        if return_numpy:
-            return pred
-        obs_names = adata.obs_names[self._indices(adata, indices)]
-        return pd.DataFrame(pred, index=obs_names, columns=genes[cols])
+            weights = sp.csr_matrix(
+                (w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0])
+            )
+            mean = np.asarray((weights @ ref).todense())
+            second = np.asarray((weights @ ref_sq).todense())
+            preds.append(mean.astype(np.float32))
+            sds.append(np.sqrt(np.clip(second - mean**2, 0, None)).astype(np.float32))
+            best.append(top[:, 0].numpy().astype(np.float32))
+        if not preds:
+            empty = np.zeros((0, len(cols)), np.float32)
+            return empty, empty.copy(), np.zeros(0, np.float32)
+        return np.concatenate(preds), np.concatenate(sds), np.concatenate(best)
+
+    def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
+        """Prediction, spread and best reference similarity of every spot of ``adata`` (see tl.predict_expression)."""
+        cols = self._gene_columns(genes)
+        kwargs.setdefault("k", 50)
+        kwargs.setdefault("weighting", "similarity")
+        kwargs.setdefault("batch_size", 512)
+        pred, sd, best = self._predict_reference(adata, None, cols=cols, **kwargs)
+        return {"pred": pred, "sd": sd, "similarity": best}
+
+    @torch.inference_mode()
+    def reference_similarity(self, adata: AnnData | None = None, batch_size: int = 512) -> np.ndarray:
+        """Best cosine similarity of each spot's image embedding to the reference bank (n_obs,).
+
+        Spots below ``ood_similarity_threshold_`` (the 1st percentile over the training spots,
+        saved with the model) are unlike every training spot: :func:`imagene.tl.predict_expression`
+        flags them in ``obs``.
+        """
+        adata = self._query(adata)
+        if getattr(self, "reference_latent_", None) is None:
+            raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
+        z = torch.as_tensor(self.get_latent_representation(adata, None, batch_size, modality="image"))
+        bank = torch.as_tensor(self.reference_latent_)
+        return torch.cat([(z[s : s + 1024] @ bank.T).max(1).values for s in range(0, z.shape[0], 1024)]).numpy()
+
+    def _gene_columns(self, gene_list: Sequence[str] | None) -> np.ndarray:
+        genes = self.gene_names
+        if gene_list is None:
+            return np.arange(len(genes))
+        pos = genes.get_indexer(pd.Index(gene_list))
+        if (pos < 0).any():
+            unknown = pd.Index(gene_list)[pos < 0][:10].tolist()
+            raise KeyError(f"Genes not known to the model: {unknown}. Use genes from `model.gene_names`.")
+        return pos
+
+    def predict_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        k: int = 50,
+        weighting: Literal["similarity", "softmax", "uniform"] = "similarity",
+        gene_list: Sequence[str] | None = None,
+        batch_size: int = 512,
+        return_numpy: bool = False,
+        return_sd: bool = False,
+    ) -> pd.DataFrame | np.ndarray | tuple:
+        """Predict expression from the image alone by query-reference retrieval.
+
+        Each query spot's image embedding is compared (cosine) with the gene embeddings of the
+        reference bank (the training spots, stored with the model); the prediction is the
+        weighted mean of the log-normalised expression (``log1p`` of counts per 10k) of the ``k``
+        most similar reference spots, and its spread (``return_sd``) the weighted standard
+        deviation of those ``k`` references.
+
+        Parameters
+        ----------
+        adata
+            Query with ``obsm[image_key]`` (no expression needed, any genes); the training AnnData when ``None``.
+        indices
+            Subset of query observations.
+        k
+            Number of reference neighbours.
+        weighting
+            ``'similarity'`` (weights ∝ positive cosine similarity), ``'softmax'`` (the model's own
+            temperature) or ``'uniform'``.
+        gene_list
+            Genes to return (default: all of the model's genes, ``model.gene_names``).
+        batch_size
+            Query spots per step.
+        return_numpy
+            Return arrays instead of DataFrames.
+        return_sd
+            Also return the per-spot, per-gene spread.
+
+        Returns
+        -------
+        (n_obs, n_genes) log-normalised predictions as a DataFrame (obs names × genes) or array;
+        with ``return_sd``, a tuple ``(prediction, sd)``.
+        """
+        adata = self._query(adata)
+        cols = self._gene_columns(gene_list)
+        pred, sd, _ = self._predict_reference(
+            adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size
+        )
+        return _format_prediction(self, adata, indices, cols, pred, sd if return_sd else None, return_numpy)
 
     # ---- persistence
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
-        """Load a saved model; ``adata`` must have the model's genes in the model's order."""
-        if adata is not None:
-            path = os.path.join(str(dir_path), "model.pt")
-            if os.path.exists(path):
-                saved = torch.load(path, map_location="cpu", weights_only=False)
-                var_names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
-                if len(var_names) and not adata.var_names.equals(var_names):
-                    missing = var_names.difference(adata.var_names)
-                    raise ValueError(
-                        f"adata's genes differ from the model's ({len(missing)} of {len(var_names)} model genes missing"
-                        f"{', e.g. ' + str(missing[:3].tolist()) if len(missing) else '; same genes, other order'}). "
-                        "Use `adata[:, model_genes].copy()` with the model's genes (saved in model.pt['var_names'])."
-                    )
-        return super().load(str(dir_path), adata=adata, **kwargs)
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        **kwargs: Any,
+    ):
+        """Load a saved model, with or without data.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by ``model.save(dir_path)``.
+        adata
+            ``None`` (default): the model is loaded from the folder alone and can embed and predict
+            any query passed to its methods (:func:`imagene.tl.predict_expression`). An AnnData with
+            the model's genes, in order, and raw counts in the registered layer is registered with
+            the model as for scvi-tools (``model.adata``; it can then train further). Any other
+            AnnData (other genes, no counts) is not registered: the model loads without data and a
+            log line says so; pass that AnnData to ``predict_expression`` / ``get_latent_representation``.
+        accelerator, device
+            Where the module goes (``'auto'``: a GPU when present).
+        prefix
+            Prefix of the saved file names.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` when ``adata`` is registered.
+
+        Returns
+        -------
+        The trained model.
+
+        Examples
+        --------
+        >>> model = imagene.model.UMPIRE.load("model_dir")
+        >>> imagene.tl.predict_expression(model, query)
+        """
+        return load_model(cls, dir_path, adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs)
 
 
 def default_latent_key(modality: str) -> str:
     """``obsm`` key where :func:`imagene.tl.embed` writes a modality's latent."""
     return f"{KEYS.LATENT_PREFIX}{modality}"
+
+
+def resolve_query(model: Any, adata: AnnData | None) -> AnnData:
+    """``adata``, or the model's training AnnData when ``None``; a clear error when the model has none."""
+    if adata is None:
+        adata = model.adata
+    if adata is None:
+        raise ValueError(
+            f"This {type(model).__name__} was loaded without its training AnnData: pass the AnnData to embed or "
+            "predict, e.g. `model.predict_expression(query)` or `imagene.tl.predict_expression(model, query)`."
+        )
+    check_adata(adata)
+    return adata
+
+
+def make_module(model: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """Build ``model._module_cls(*args, **kwargs)`` and record what inference needs without the training data.
+
+    Saved with the model: the module's arguments (``load`` rebuilds it from them) and the tile
+    settings of the image features (``tile_settings_``, used to embed a new slide the same way).
+    """
+    model.module_args_ = {"args": list(args), "kwargs": dict(kwargs)}
+    model.tile_settings_ = tile_settings(model.adata, model._setup_args.get("image_key"))
+    return model._module_cls(*args, **kwargs)
+
+
+def tile_settings(adata: AnnData, image_key: str | None) -> dict[str, Any]:
+    """Tile size, tile pixels and encoder behind ``obsm[image_key]`` (from provenance; the pp defaults otherwise)."""
+    out: dict[str, Any] = {"tile_size_um": 112.0, "tile_px": 224, "encoder": None, "input_px": None}
+    if image_key is None:
+        return out
+    if str(image_key).startswith(KEYS.FEATURES_PREFIX):
+        out["encoder"] = str(image_key)[len(KEYS.FEATURES_PREFIX) :]
+    feats = adata.uns.get(image_key, {}) if adata is not None else {}
+    if isinstance(feats, dict):
+        out["encoder"] = feats.get("encoder", out["encoder"])
+        out["input_px"] = feats.get("input_px")
+        tiles = adata.uns.get(feats.get("tiles_key", KEYS.TILES), {})
+    else:
+        tiles = {}
+    if isinstance(tiles, dict) and "tile_size_um" in tiles:
+        out["tile_size_um"] = float(tiles["tile_size_um"])
+        out["tile_px"] = int(tiles["tile_px"])
+    return out
+
+
+def _format_prediction(model, adata, indices, cols, pred, sd, return_numpy):
+    if not return_numpy:
+        obs_names = adata.obs_names[np.arange(adata.n_obs) if indices is None else np.asarray(indices)]
+        genes = model.gene_names[cols]
+        pred = pd.DataFrame(pred, index=obs_names, columns=genes)
+        if sd is not None:
+            sd = pd.DataFrame(sd, index=obs_names, columns=genes)
+    return pred if sd is None else (pred, sd)
+
+
+def _has_counts(adata: AnnData, layer: str | None) -> bool:
+    mat = adata.X if layer is None else adata.layers.get(layer) if layer in adata.layers else None
+    if mat is None:
+        return False
+    return bool(mat.nnz > 0) if sp.issparse(mat) else bool(np.any(np.asarray(mat)))
+
+
+def _torch_device(accelerator: str, device: int | str) -> torch.device:
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else "cuda")
+
+
+def load_model(
+    cls: type,
+    dir_path: str | os.PathLike,
+    adata: AnnData | None,
+    *,
+    accelerator: str = "auto",
+    device: int | str = "auto",
+    prefix: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Load a saved imagene model; ``adata`` is registered only when it matches the model (see ``Model.load``)."""
+    from scvi.model.base import BaseModelClass
+
+    path = os.path.join(str(dir_path), f"{prefix or ''}model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No saved model at {path!r}. Save one with `model.save(dir_path)`.")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    var_names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
+    attr = dict(saved["attr_dict"])
+    registry = attr["registry_"]
+    layer = registry.get("setup_args", {}).get("layer")
+    if adata is not None:
+        check_adata(adata)
+        if adata.var_names.equals(var_names) and _has_counts(adata, layer):
+            return BaseModelClass.load.__func__(
+                cls, str(dir_path), adata=adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs
+            )
+        reason = (
+            f"its genes differ from the model's {len(var_names)}" if not adata.var_names.equals(var_names)
+            else f"it has no counts in {'X' if layer is None else f'layers[{layer!r}]'}"
+        )
+        logger.info(
+            "Loading %s without training data: the AnnData passed is not registered (%s). Pass it as the query of "
+            "predict_expression / get_latent_representation; predictions cover the model's %d genes.",
+            cls.__name__, reason, len(var_names),
+        )
+    if "module_args_" not in attr:
+        raise ValueError(
+            f"The model in {str(dir_path)!r} was saved by an older imagene that did not store its module settings; "
+            "load it with its training AnnData (`load(dir_path, adata=training_adata)`) and save it again."
+        )
+    attr.pop("registry_")
+    init_params = attr.pop("init_params_")
+    model = cls.__new__(cls)
+    BaseModelClass.__init__(model, None, registry=registry)
+    margs = attr["module_args_"]
+    model.module = cls._module_cls(*margs["args"], **margs["kwargs"])
+    flat = dict(init_params.get("non_kwargs", {}))
+    for group in init_params.get("kwargs", {}).values():
+        flat.update(group)
+    model._model_summary_string = f"{cls.__name__} (loaded from {str(dir_path)!r} without training data)"
+    if hasattr(model, "_init_without_data"):
+        model._init_without_data(flat)
+    for name, value in attr.items():
+        setattr(model, name, value)
+    model.init_params_ = init_params
+    state = dict(saved["model_state_dict"])
+    state.pop("pyro_param_store", None)  # scvi-tools stores it for every model; no imagene module uses Pyro
+    model.module.load_state_dict(state)
+    model.module.to(_torch_device(accelerator, device))
+    model.module.eval()
+    return model
+
+
+@torch.no_grad()
+def mc_dropout_sd(module: torch.nn.Module, forward: Any, n_samples: int = 16, seed: int = 0) -> np.ndarray:
+    """Spread of ``forward()`` over ``n_samples`` passes with the dropout layers of ``module`` active.
+
+    A small Monte-Carlo-dropout ensemble (Gal & Ghahramani, 2016): only ``Dropout`` and
+    ``MultiheadAttention`` layers switch to training mode (normalisation layers keep their
+    statistics); the module is back in evaluation mode afterwards.
+    """
+    layers = [m for m in module.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.MultiheadAttention))]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for m in layers:
+            m.train()
+        draws = np.stack([np.asarray(forward(), dtype=np.float32) for _ in range(n_samples)])
+    finally:
+        for m in layers:
+            m.eval()
+        torch.random.set_rng_state(state)
+    return draws.std(0).astype(np.float32)
+
+
+def compact_counts(counts: Any) -> dict[str, Any]:
+    """Integer counts as a small CSR record: uint16 values and column indices when they fit (lossless)."""
+    x = sp.csr_matrix(counts, dtype=np.float32)
+    x.sum_duplicates()
+    data = x.data
+    small = data.size == 0 or (np.all(data == np.round(data)) and data.min() >= 0 and data.max() < 2**16)
+    return {
+        "data": data.astype(np.uint16) if small else data,
+        "indices": x.indices.astype(np.uint16 if x.shape[1] < 2**16 else np.int32),
+        "indptr": x.indptr.astype(np.int64),
+        "shape": tuple(int(v) for v in x.shape),
+    }
+
+
+def expand_counts(stored: dict[str, Any]) -> sp.csr_matrix:
+    """The CSR float32 counts of :func:`compact_counts`."""
+    return sp.csr_matrix(
+        (stored["data"].astype(np.float32), stored["indices"].astype(np.int32), stored["indptr"]), shape=stored["shape"]
+    )
+
+
+def log_normalize_sparse(counts: sp.spmatrix, target_sum: float = 1e4) -> sp.csr_matrix:
+    """:func:`imagene._utils.log_normalize` on sparse counts, kept sparse (same float32 values)."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    lib = np.asarray(x.sum(1), dtype=np.float32).ravel()
+    lib[lib == 0] = 1.0
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    x.data = np.log1p(x.data / lib[rows] * np.float32(target_sum)).astype(np.float32)
+    return x

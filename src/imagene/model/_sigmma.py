@@ -16,7 +16,7 @@ from scvi.model.base import BaseModelClass
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
-from imagene._utils import check_adata, log_normalize
+from imagene._utils import log_normalize
 from imagene.model._base import AlignmentMixin
 from imagene.module._sigmma import SCALES, SIGMMAModule
 from imagene.train import ContrastiveTrainingPlan
@@ -250,7 +250,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
                 "(it builds the tile graphs and their multi-crop features)."
             )
         loss_scales = tuple(loss_scales)
-        self.module = self._module_cls(
+        self.module = self._make_module(
             n_genes=self.summary_stats.n_vars,
             n_image_features=int(np.asarray(crops["features"]["4"]).shape[-1]),
             n_latent=n_latent,
@@ -264,13 +264,17 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         )
         self.tile_size_um_ = float(adata.uns[KEYS.TILE_GRAPHS]["tile_size_um"])
         self.reference_latent_ = None
-        self.reference_expression_ = None
+        self.reference_counts_ = None
         self._cache: dict[Any, _TileData] = {}
         self._model_summary_string = (
             f"SIGMMA: {self.summary_stats.n_vars} genes, {self.tile_size_um_:.0f} µm tiles, n_latent={n_latent} "
             f"per scale, loss scales {loss_scales}, graph={use_graph}, stochastic edges={stochastic_edges}"
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _init_without_data(self, init_kwargs: dict) -> None:
+        """Plain attributes of a model loaded without data (see :func:`imagene.model._base.load_model`)."""
+        self._cache = {}
 
     # ---- registration
     @classmethod
@@ -560,8 +564,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         if pooling not in ("block", "tile"):
             raise ValueError(f"pooling must be 'block' or 'tile'; got {pooling!r}.")
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
+        adata = self._query(adata)
         idx = self._indices(adata, indices)
         return self._latent(adata, modality, scale, pooling, idx, batch_size)
 
@@ -593,7 +596,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         """
         from imagene._utils import save_key
 
-        adata = self.adata if adata is None else adata
+        adata = self._query(adata)
         prefix = key_added or f"{KEYS.LATENT_PREFIX}sigmma_{modality}"
         zs = {s: self.get_latent_representation(adata, modality=modality, scale=s) for s in (*SCALES, "all")}
         for s, z in zs.items():
@@ -618,7 +621,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         >>> edges = model.sample_edges()
         """
         self._check_trained()
-        adata = self.adata if adata is None else adata
+        adata = self._query(adata)
         data = self._tile_data(adata, need_gene=True, need_image=False)
         was = self.module.training
         self.module.train(stochastic)

@@ -19,8 +19,8 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import check_adata, log_normalize, progress, save_key, warn
-from imagene.model._base import AlignmentMixin
+from imagene._utils import log_normalize, progress, save_key, warn
+from imagene.model._base import AlignmentMixin, _format_prediction, mc_dropout_sd
 from imagene.module._stalign import STAlignModule
 from imagene.pp._niches import niche_mean_operator
 from imagene.train import ContrastiveTrainingPlan
@@ -168,7 +168,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "uns['spatial'][section]['metadata']['source_image_path']), or use `adaptive_encoders=False`."
             )
         niche_shape = self.adata_manager.get_from_registry(REGISTRY_KEYS.NICHE_IMAGE_KEY).shape
-        self.module = self._module_cls(
+        self.module = self._make_module(
             n_genes=self.summary_stats.n_vars,
             n_image_features=self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"],
             n_niche_image_features=int(niche_shape[1]),
@@ -191,7 +191,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.module.probe.requires_grad_(False)
         self.reference_latent_ = None
-        self.reference_expression_ = None
+        self.reference_counts_ = None
         self.probe_trained_ = False
         self._model_summary_string = (
             f"STAlign: {self.summary_stats.n_vars} genes, n_latent={n_latent}, fusion={fusion!r}, "
@@ -468,8 +468,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if modality not in _MODALITIES:
             raise ValueError(f"modality must be one of {list(_MODALITIES)}; got {modality!r}.")
         self._check_trained()
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
+        adata = self._query(adata)
         return self._embed(adata, modality, indices, batch_size)
 
     # ------------------------------------------------------------------------------------------
@@ -594,7 +593,8 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         gene_list: Sequence[str] | None = None,
         batch_size: int = 512,
         return_numpy: bool = False,
-    ) -> pd.DataFrame | np.ndarray:
+        return_sd: bool = False,
+    ) -> pd.DataFrame | np.ndarray | tuple:
         """Predict log-normalised expression (``log1p`` CP10k) from the image alone.
 
         Parameters
@@ -617,11 +617,15 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Query spots per step.
         return_numpy
-            Return an array instead of a DataFrame.
+            Return arrays instead of DataFrames.
+        return_sd
+            Also return the per-spot, per-gene spread: the weighted standard deviation of the ``k``
+            references (``'reference'``) or of 16 Monte-Carlo-dropout passes of the probe (``'probe'``).
 
         Returns
         -------
-        (n_obs, n_genes) predictions as a DataFrame (obs names × genes) or array.
+        (n_obs, n_genes) predictions as a DataFrame (obs names × genes) or array; with
+        ``return_sd``, a tuple ``(prediction, sd)``.
 
         Examples
         --------
@@ -630,36 +634,48 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if method == "reference":
             return super().predict_expression(
                 adata, indices, k=k, weighting=weighting, gene_list=gene_list, batch_size=batch_size,
-                return_numpy=return_numpy,
+                return_numpy=return_numpy, return_sd=return_sd,
             )
-        if method != "probe":
-            raise ValueError(f"method must be 'reference' or 'probe'; got {method!r}.")
+        adata = self._query(adata)
+        cols = self._gene_columns(gene_list)
+        pred, sd = self._predict_probe(adata, indices, cols, batch_size, with_sd=return_sd)
+        return _format_prediction(self, adata, indices, cols, pred, sd, return_numpy)
+
+    def _predict_probe(
+        self, adata: AnnData, indices: Sequence[int] | None, cols: np.ndarray, batch_size: int, *, with_sd: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """MLP-probe prediction and, with ``with_sd``, its Monte-Carlo-dropout spread (16 passes)."""
         self._check_trained()
         if not self.probe_trained_:
             raise RuntimeError("The expression probe is not trained; call `model.train(probe_epochs=30)`.")
-        adata = self.adata if adata is None else adata
-        check_adata(adata)
-        genes = self.gene_names
-        cols = np.arange(len(genes))
-        if gene_list is not None:
-            pos = genes.get_indexer(pd.Index(gene_list))
-            if (pos < 0).any():
-                unknown = pd.Index(gene_list)[pos < 0][:10].tolist()
-                raise KeyError(f"Genes not known to the model: {unknown}. Use genes from `model.gene_names`.")
-            cols = pos
         x = torch.as_tensor(self._embed(adata, "probe", indices, batch_size))
         device = next(self.module.parameters()).device
-        with torch.inference_mode():
-            pred = np.concatenate(
-                [
-                    self.module.probe(x[s : s + batch_size].to(device)).clamp(min=0).float().cpu().numpy()[:, cols]
-                    for s in range(0, x.shape[0], batch_size)
-                ]
-            ) if x.shape[0] else np.zeros((0, len(cols)), np.float32)
-        if return_numpy:
-            return pred
-        obs_names = adata.obs_names[self._indices(adata, indices)]
-        return pd.DataFrame(pred, index=obs_names, columns=genes[cols])
+
+        def forward() -> np.ndarray:
+            if not x.shape[0]:
+                return np.zeros((0, len(cols)), np.float32)
+            with torch.inference_mode():
+                return np.concatenate(
+                    [
+                        self.module.probe(x[s : s + batch_size].to(device)).clamp(min=0).float().cpu().numpy()[:, cols]
+                        for s in range(0, x.shape[0], batch_size)
+                    ]
+                )
+
+        self.module.eval()
+        pred = forward()
+        sd = mc_dropout_sd(self.module.probe, forward) if with_sd else None
+        return pred, sd
+
+    def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
+        method = kwargs.pop("method", "reference")
+        if method == "reference":
+            return super()._predict_full(adata, genes, **kwargs)
+        if method != "probe":
+            raise ValueError(f"method must be 'reference' or 'probe'; got {method!r}.")
+        cols = self._gene_columns(genes)
+        pred, sd = self._predict_probe(adata, None, cols, int(kwargs.get("batch_size", 512)), with_sd=True)
+        return {"pred": pred, "sd": sd, "similarity": None}
 
 
 # ----------------------------------------------------------------------------------------------

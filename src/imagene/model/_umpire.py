@@ -171,7 +171,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "mode='adapter' freezes a randomly initialised gene encoder; pass `gene_encoder_weights=` from "
                 "GeneEncoderPretrainer, or use mode='finetune'."
             )
-        self.module = self._module_cls(
+        self.module = self._make_module(
             n_genes=self.summary_stats.n_vars,
             n_image_features=self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"],
             n_latent=n_latent,
@@ -191,7 +191,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.rec_genes_ = None if rec_genes is None else self.adata.var_names[rec_genes].to_numpy()
         self.reference_latent_ = None
-        self.reference_expression_ = None
+        self.reference_counts_ = None
         self._model_summary_string = (
             f"UMPIRE: {self.summary_stats.n_vars} genes, image input {self.image_key!r}, n_latent={n_latent}, "
             f"n_hidden={n_hidden}, n_layers={n_layers}, temperature={temperature}, gene_encoder={gene_encoder!r}"
@@ -321,7 +321,8 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if self.module.objective != "rec":
             return super()._build_reference(batch_size)
         self.reference_latent_ = self._embed(self.adata, "image", None, batch_size).astype(np.float32)
-        self.reference_expression_ = sp.csr_matrix(log_normalize(self._gene_input(self.adata)))
+        self._set_reference_counts(self._gene_input(self.adata))
+        self._store_similarity_threshold(batch_size, exclude_self=True)
         return None
 
 

@@ -1,6 +1,7 @@
 """Preprocessing: tiles, frozen image features, niche graphs, section splits."""
 
 from imagene.pp._features import embed_tiles
+from imagene.pp._grid import spot_grid, tissue_mask
 from imagene.pp._niches import niches
 from imagene.pp._normalize import log_normalize
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
@@ -17,5 +18,7 @@ __all__ = [
     "nuclei_maps",
     "nuclei_mask",
     "section_split",
+    "spot_grid",
     "tile_graphs",
+    "tissue_mask",
 ]

@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from imagene._constants import KEYS
 from imagene._utils import check_adata, check_obsm, progress, save_key, warn
-from imagene.io._image import as_rgb, open_lazy, read_image, spatialdata_image_to_dask
+from imagene.io._image import LAZY_SUFFIXES, as_rgb, open_lazy, read_image, spatialdata_image_to_dask
 from imagene.pp._library import resolve_libraries
 
 logger = logging.getLogger("imagene")
@@ -85,8 +85,8 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
     images = entry.get("images", {})
     meta = entry.get("metadata", {})
     sf = entry.get("scalefactors", {})
-    if "fullres" in images:
-        return as_rgb(images["fullres"]), 1.0, "uns fullres image"
+    if "fullres" in images:  # the source image held in memory: same scale as source_image_path
+        return as_rgb(images["fullres"]), float(meta.get("source_image_scale", 1.0)), "uns fullres image"
     src = meta.get("source_image_path", "")
     if src:
         scale = float(meta.get("source_image_scale", 1.0))
@@ -94,7 +94,7 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
             warn(f"Source image {src!r} of section {lib!r} not found; falling back to the images stored in uns.")
         else:
             element = meta.get("source_image_element") or None
-            if element is not None or str(src).lower().endswith((".tif", ".tiff", ".svs", ".zarr")):
+            if element is not None or str(src).lower().rstrip("/").endswith(LAZY_SUFFIXES):
                 return _as_image(open_lazy(src, element), f"image {src!r}"), scale, f"{src} (lazy)"
             return read_image(src), scale, src
     for name in ("hires", "lowres"):
