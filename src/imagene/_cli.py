@@ -110,12 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="imagene",
         description="Align H&E histology with spatial transcriptomics.\n\n"
         "  imagene demo    read, tile, embed, train UMPIRE, predict a held-out section from H&E\n"
-        "  imagene bench   UMPIRE against baselines, leaving one section out\n\n"
+        "  imagene bench   UMPIRE against baselines, leaving one section out\n"
+        "  imagene predict a saved model over an H&E slide alone (SpatialData zarr, PNG, summary)\n\n"
         "Run `imagene <command> --help` for a command's options.",
         formatter_class=_RawDescription,
     )
     parser.add_argument("--version", action="version", version=f"imagene {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,predict}")
     demo = sub.add_parser(
         "demo",
         help="run the pipeline end to end (default: on synthetic sections; --data DIR for real ones)",
