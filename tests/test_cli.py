@@ -95,7 +95,8 @@ def test_demo_prints_the_time_of_each_step(monkeypatch, tmp_path, capsys):
     def _fake_run_demo(out, **kwargs):  # the printing only: the real run is tested in test_demo.py
         seen.update(kwargs, out=out)
         block = {m: {"mean_pearson": 0.25} for m in ("umpire", "ridge_probe", "mean_expression")}
-        return {"train_sections": ["S0", "S1"], "test_section": "S2", "n_test_spots": 10, "hvg50": block,
+        return {"data": "synthetic sections", "train_sections": ["S0", "S1"], "test_section": "S2", "n_test_spots": 10,
+                "hvg50": block,
                 "heg50": block, "timings": {"read_s": 1.5, "tiles_s": 2.25, "embed_s": 3.0, "train_s": 40.0,
                                             "total_s": 47.0}}
 

@@ -155,14 +155,12 @@ def spot_grid(
 
     Returns
     -------
-    AnnData with ``n_vars = 0``:
-
-    - ``obsm['spatial']`` — spot centres in level-0 pixels (x, y);
-    - ``obs['section']``, ``obs['imagene_in_tissue']`` (bool), ``obs['imagene_tissue_fraction']``;
-    - ``uns['spatial'][library_id]`` — ``images['hires']`` (thumbnail), ``scalefactors``
-      (``microns_per_pixel``, ``tissue_hires_scalef``, ``spot_diameter_fullres``) and ``metadata``
-      (``source_image_path``: the slide, read lazily by the tiler);
-    - ``uns['imagene_grid']`` — ``pitch_um``, ``layout``, ``spot_diameter_um``.
+    AnnData with ``n_vars = 0``: spot centres in ``obsm['spatial']`` (level-0 pixels, x, y);
+    ``obs['section']``, ``obs['imagene_in_tissue']`` (bool) and ``obs['imagene_tissue_fraction']``;
+    ``uns['spatial'][library_id]`` with ``images['hires']`` (thumbnail), ``scalefactors``
+    (``microns_per_pixel``, ``tissue_hires_scalef``, ``spot_diameter_fullres``) and ``metadata``
+    (``source_image_path``: the slide, read lazily by the tiler); ``uns['imagene_grid']`` with
+    ``pitch_um``, ``layout`` and ``spot_diameter_um``.
 
     Examples
     --------
