@@ -30,7 +30,8 @@ def real_tiles(data_dir) -> ad.AnnData:
     """16 real 64-px H&E tiles (a 4 x 4 grid over the tissue of the mouse-brain crop) in an AnnData."""
     img = np.asarray(Image.open(data_dir / "mouse_brain_crop" / "test_img.jpg").convert("RGB"))
     rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
-    tiles = np.stack([img[600 + 80 * r : 664 + 80 * r, 300 + 80 * c : 364 + 80 * c] for r, c in zip(rows.ravel(), cols.ravel())])
+    corners = zip(rows.ravel(), cols.ravel(), strict=True)
+    tiles = np.stack([img[600 + 80 * r : 664 + 80 * r, 300 + 80 * c : 364 + 80 * c] for r, c in corners])
     a = ad.AnnData(np.ones((len(tiles), 3), np.float32))
     a.obsm["imagene_tiles"] = tiles
     return a

@@ -184,7 +184,8 @@ def test_retrieval_examples_show_query_and_match_tiles(trained, data_dir):
         rows = matches[matches["query"] == q].sort_values("rank")
         for j, row in enumerate(rows.itertuples()):
             ax = grid[i, 1 + j]
-            assert ax.get_title().startswith(f"#{row.rank} {row.match}") and f"sim {row.similarity:.2f}" in ax.get_title()
+            title = ax.get_title()
+            assert title.startswith(f"#{row.rank} {row.match}") and f"sim {row.similarity:.2f}" in title
             np.testing.assert_array_equal(ax.images[0].get_array(), tiles[c4.obs_names.get_loc(row.match)])
             framed = ax.spines["left"].get_linewidth() == 3
             assert framed == (row.match == q)

@@ -552,7 +552,7 @@ def retrieval_examples(
         raise ValueError(f"Queries {unknown or queries} have no rows in `matches`.")
     q_pos = adata.obs_names.get_indexer(queries)
     if (q_pos < 0).any():
-        raise KeyError(f"Queries not in adata.obs_names: {[q for q, p in zip(queries, q_pos) if p < 0]}.")
+        raise KeyError(f"Queries not in adata.obs_names: {[q for q, p in zip(queries, q_pos, strict=True) if p < 0]}.")
     fig, axes = plt.subplots(
         len(queries), 1 + n_matches, figsize=(panel_size * (1 + n_matches), panel_size * len(queries) + 0.4),
         squeeze=False, layout="constrained",
