@@ -43,7 +43,9 @@ def _table() -> tuple[pd.Series, dict[str, str]]:
 def gene_descriptions(
     genes: Sequence[str] | None = None, *, gene_text: Mapping[str, str] | pd.Series | None = None
 ) -> pd.Series:
-    """Text description of each gene: ``"<SYMBOL>: <name>. Aliases: ... . GO: ..."``.
+    """Text description of each gene, for zero-shot models.
+
+    Each text reads ``"<SYMBOL>: <name>. Aliases: ... . GO: ..."``.
 
     Built from the human gene table shipped with imagene (NCBI Gene symbols, names, up to 4 aliases
     and 6 GO terms per gene, from Bioconductor's ``org.Hs.eg.db`` and ``GO.db``;
