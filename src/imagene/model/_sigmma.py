@@ -228,6 +228,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
     """
 
     _module_cls = SIGMMAModule
+    _uses_image_key = False  # it embeds its own multi-crop patches
     _training_plan_cls = ContrastiveTrainingPlan
 
     def __init__(

@@ -199,6 +199,11 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         self.init_params_ = self._get_init_params(locals())
 
+    @property
+    def _uses_image_key(self) -> bool:
+        """Whether inference reads ``obsm[image_key]`` (the adaptive encoders read the spot tiles instead)."""
+        return not self.module.adaptive_encoders
+
     # ------------------------------------------------------------------------------------------
     # registration
     # ------------------------------------------------------------------------------------------
