@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from imagene._utils import require, warn
+from imagene._validate import check_hub_reachable
 from imagene.nn._image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, SmallCNN, TinyCNN
 
 logger = logging.getLogger("imagene")
@@ -192,6 +193,12 @@ def _is_timm_model(name: str) -> bool:
 
 
 def _check_file(path: str) -> None:
+    if path.startswith(_HUB_PREFIX):
+        raise FileNotFoundError(
+            f"weights={path!r} is a hub id, and this encoder loads local checkpoints only. Pass the hub model as the "
+            f"encoder instead (encoder={path!r}, needs a network connection), or download the checkpoint and pass "
+            "weights='/path/to/checkpoint.pth' (or .safetensors)."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Checkpoint {path!r} not found. Pass `weights=` an existing local file (.pth, .pt, .bin or "
@@ -355,6 +362,8 @@ def _timm_encoder(
     if hub:
         model_kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": weights.removeprefix(_HUB_PREFIX)}
     try:
+        if fetch:
+            check_hub_reachable(weights if hub else name)  # fail fast instead of retrying for half a minute
         model = timm.create_model(name, pretrained=fetch, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         if not (fetch or name.startswith(_HUB_PREFIX)):

@@ -12,7 +12,16 @@ import numpy as np
 from anndata import AnnData
 
 from imagene._constants import KEYS
-from imagene._utils import check_adata, check_obsm, progress, save_key, warn
+from imagene._constants import SPOT_PITCH_UM
+from imagene._utils import check_adata, progress, save_key, warn
+from imagene._validate import (
+    check_positive_float,
+    check_spatial,
+    check_spot_pitch,
+    check_tissue_content,
+    check_unique_obs_names,
+    thumbnail,
+)
 from imagene.io._image import as_rgb, open_lazy, read_image, spatialdata_image_to_dask
 from imagene.pp._library import resolve_libraries
 
@@ -112,6 +121,22 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
     )
 
 
+def _check_geometry(
+    adata: AnnData, lib: str, image: Any, xy_full: np.ndarray, mpp: float, tile_full: float, spatial_key: str
+) -> None:
+    """Spots against their image: the platform's spot pitch, and tiles on tissue rather than glass."""
+    entry = adata.uns.get("spatial", {}).get(lib, {})
+    platform = str(entry.get("metadata", {}).get("platform", ""))
+    if platform in SPOT_PITCH_UM:
+        check_spot_pitch(xy_full, mpp, SPOT_PITCH_UM[platform], lib, spatial_key)
+    if len(xy_full) < 10:
+        return
+    img = image[lib] if isinstance(image, Mapping) and not _is_image_element(image) else image
+    thumb = thumbnail(adata, lib, img)
+    if thumb is not None:
+        check_tissue_content(thumb[0], thumb[1], xy_full, tile_full, lib, spatial_key)
+
+
 def _crop_windows(centres: np.ndarray, size: float) -> np.ndarray:
     """Integer (x0, y0, s) windows of side ``s`` pixels centred on ``centres``."""
     s = max(1, int(round(size)))
@@ -183,7 +208,11 @@ def extract_tiles(
     max_memory_gb
         Refuse to hold more than this in memory when ``store`` is ``None``.
     check_scale
-        Raise when spot coordinates look like they are in another scale than the image.
+        Check the spots against their image and raise when they look like they are in another scale
+        (or have x and y swapped): spots span under 5 % of the image; spots packed closer than the
+        platform's spot pitch (legacy ST 200 µm, Visium 100 µm) at ``microns_per_pixel``; more than
+        half of the tiles on glass (a warning above 3 %), or far fewer with x and y exchanged. The
+        tissue check uses the ``hires`` / ``lowres`` image (or an in-memory image); ``False`` skips it.
     batch_size
         Tiles cut (and, for lazy images, read) per step.
     key_added
@@ -206,19 +235,18 @@ def extract_tiles(
     (1184, 224, 224, 3)
     """
     check_adata(adata)
-    spatial = np.asarray(check_obsm(adata, spatial_key, "Spot centres in full-resolution pixels are required."))
-    if spatial.ndim != 2 or spatial.shape[1] < 2 or not np.isfinite(spatial[:, :2]).all():
-        raise ValueError(f"adata.obsm[{spatial_key!r}] must be a finite (n_obs, 2) array of pixel coordinates.")
+    check_unique_obs_names(adata)
+    spatial = check_spatial(adata, spatial_key)
     if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)):
         raise TypeError(f"tile_px must be an integer number of pixels; got {tile_px!r}.")
-    if not (tile_size_um > 0 and tile_px >= 1):
-        raise ValueError(f"tile_size_um and tile_px must be positive; got {tile_size_um}, {tile_px}.")
+    tile_size_um = check_positive_float("tile_size_um", tile_size_um)
+    if tile_px < 1:
+        raise ValueError(f"tile_px must be a positive number of pixels; got {tile_px}. Pass e.g. `tile_px=224`.")
     _, groups = resolve_libraries(adata, library_key)
 
     # resolve and validate every section before writing anything
     plans = []
     for lib, idx in groups.items():
-        img, scale, desc = _source_for(adata, lib, image)
         mpp = microns_per_pixel
         if mpp is None:
             mpp = adata.uns.get("spatial", {}).get(lib, {}).get("scalefactors", {}).get("microns_per_pixel")
@@ -228,6 +256,9 @@ def extract_tiles(
                 f"adata.uns['spatial'][{lib!r}]['scalefactors']['microns_per_pixel'] or pass `microns_per_pixel=`; "
                 "imagene.io.infer_microns_per_pixel(spots, pitch_um) infers it from the spot pitch."
             )
+        if check_scale:  # before decoding the full image: uses the spot pitch and a thumbnail
+            _check_geometry(adata, lib, image, spatial[idx], mpp, tile_size_um / mpp, spatial_key)
+        img, scale, desc = _source_for(adata, lib, image)
         size_src = tile_size_um / mpp * scale
         if size_src < 1:
             raise ValueError(

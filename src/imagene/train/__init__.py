@@ -1,6 +1,14 @@
 """Training plans and callbacks shared by the models."""
 
 from imagene.train._callbacks import RestoreBestWeights
+from imagene.train._checkpoint import AtomicCheckpointIO, check_optimised, checkpoint_settings, trainable_snapshot
 from imagene.train._plan import ContrastiveTrainingPlan
 
-__all__ = ["ContrastiveTrainingPlan", "RestoreBestWeights"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ContrastiveTrainingPlan",
+    "RestoreBestWeights",
+    "check_optimised",
+    "checkpoint_settings",
+    "trainable_snapshot",
+]
