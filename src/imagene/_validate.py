@@ -58,7 +58,7 @@ def check_positive_float(name: str, value: Any) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"`{name}` must be a number; got {value!r}.") from None
     if not (np.isfinite(v) and v > 0):
-        raise ValueError(f"`{name}` must be a finite positive number; got {value!r}. Pass e.g. `{name}=112`.")
+        raise ValueError(f"`{name}` must be positive and finite; got {value!r}. Pass e.g. `{name}=112`.")
     return v
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 logger = logging.getLogger("imagene")
@@ -42,6 +43,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+class LastCheckpoint(Callback):
+    """Write ``<dirpath>/last.ckpt`` at the end of every training epoch (after its validation).
+
+    Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes ``last.ckpt`` only when
+    it also saved a top-k checkpoint, i.e. once at the end; this callback writes it every epoch,
+    through the trainer (rank 0 only, with the trainer's checkpoint IO: atomic here).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.dirpath / LAST_CHECKPOINT)
+
+
 def checkpoint_settings(
     trainer_kwargs: dict, checkpoint_dir: str | os.PathLike | None, resume: bool, *, what: str = "training"
 ) -> tuple[dict, str | None]:
@@ -67,8 +86,6 @@ def checkpoint_settings(
     -------
     The trainer settings and the checkpoint path to pass to ``Trainer.fit(ckpt_path=...)``.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     trainer_kwargs = dict(trainer_kwargs)
     if checkpoint_dir is None:
         if resume:
@@ -76,13 +93,8 @@ def checkpoint_settings(
         return trainer_kwargs, None
     checkpoint_dir = Path(checkpoint_dir)
     callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-    # no version counter: a new run overwrites last.ckpt instead of writing last-v1.ckpt beside a stale one
-    callbacks.append(
-        ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1,
-                        enable_version_counter=False)
-    )
+    callbacks.append(LastCheckpoint(checkpoint_dir))
     trainer_kwargs["callbacks"] = callbacks
-    trainer_kwargs["enable_checkpointing"] = True
     plugins = list(trainer_kwargs.pop("plugins", None) or [])
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
