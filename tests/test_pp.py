@@ -251,7 +251,7 @@ def test_lowres_coordinates_with_hires_image_raise(data_dir):
 def test_coordinates_scaled_into_a_corner_raise(b4, b4_full):
     a = b4.copy()
     a.obsm["spatial"] = b4.obsm["spatial"] * 0.05
-    _raises_untouched(a, ValueError, r"another scale", image=b4_full)
+    _raises_untouched(a, ValueError, r"span only .*another scale", image=b4_full)
     ig.pp.extract_tiles(a, image=b4_full, check_scale=False, tile_px=16, show_progress_bar=False)  # the way out
     assert a.obsm[TILES].shape == (a.n_obs, 16, 16, 3)
 

@@ -124,15 +124,17 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
 def _check_geometry(
     adata: AnnData, lib: str, image: Any, xy_full: np.ndarray, mpp: float, tile_full: float, spatial_key: str
 ) -> None:
-    """Spots against their image: the platform's spot pitch, and tiles on tissue rather than glass."""
+    """Spots against their image: the platform's spot pitch, and tiles on tissue rather than glass.
+
+    ``image`` is the section's resolved user image (``None``: the images of ``uns``).
+    """
     entry = adata.uns.get("spatial", {}).get(lib, {})
     platform = str(entry.get("metadata", {}).get("platform", ""))
     if platform in SPOT_PITCH_UM:
         check_spot_pitch(xy_full, mpp, SPOT_PITCH_UM[platform], lib, spatial_key)
     if len(xy_full) < 10:
         return
-    img = image[lib] if isinstance(image, Mapping) and not _is_image_element(image) else image
-    thumb = thumbnail(adata, lib, img)
+    thumb = thumbnail(adata, lib, image)
     if thumb is not None:
         check_tissue_content(thumb[0], thumb[1], xy_full, tile_full, lib, spatial_key)
 
@@ -247,6 +249,7 @@ def extract_tiles(
     # resolve and validate every section before writing anything
     plans = []
     for lib, idx in groups.items():
+        img, scale, desc = _source_for(adata, lib, image)
         mpp = microns_per_pixel
         if mpp is None:
             mpp = adata.uns.get("spatial", {}).get(lib, {}).get("scalefactors", {}).get("microns_per_pixel")
@@ -256,9 +259,6 @@ def extract_tiles(
                 f"adata.uns['spatial'][{lib!r}]['scalefactors']['microns_per_pixel'] or pass `microns_per_pixel=`; "
                 "imagene.io.infer_microns_per_pixel(spots, pitch_um) infers it from the spot pitch."
             )
-        if check_scale:  # before decoding the full image: uses the spot pitch and a thumbnail
-            _check_geometry(adata, lib, image, spatial[idx], mpp, tile_size_um / mpp, spatial_key)
-        img, scale, desc = _source_for(adata, lib, image)
         size_src = tile_size_um / mpp * scale
         if size_src < 1:
             raise ValueError(
@@ -288,6 +288,9 @@ def extract_tiles(
                     "with a hires image). Convert obsm['spatial'] to full-resolution pixels, or pass "
                     "`check_scale=False` if the tissue really is that small."
                 )
+        if check_scale:
+            _check_geometry(adata, lib, None if image is None else img, spatial[idx], mpp, tile_size_um / mpp,
+                            spatial_key)
         plans.append((lib, idx, img, xy, size_src, mpp, desc))
 
     n = adata.n_obs
