@@ -178,8 +178,9 @@ def test_a_fresh_run_overwrites_the_last_checkpoint_of_an_old_one(tmp_path):
     new = ig.model.GeneEncoderPretrainer([s1], n_tokens=8, d_model=16, n_layers=1, min_spots=5)
     new.train(max_epochs=2, batch_size=32, checkpoint_dir=tmp_path, **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
-    # the checkpoint is the new run's (2 epochs done), not the old one's (1)
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+    # the checkpoint is the new run's (2 epochs done), not the old one's (1); written at the end of
+    # each epoch, it stores that epoch's 0-based index
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] + 1 == 2
 
 
 # ---------------------------------------------------------------- UMPIRE with the gene encoder

@@ -84,25 +84,11 @@ def get_counts(adata: AnnData, layer: str | None = "counts", *, check: bool = Tr
     return mat
 
 
-def check_counts(mat: Any, where: str = "counts", sample: int = 100_000) -> None:
-    """Raise if ``mat`` has NaN, negative or non-integer values (checked on a sample of stored values)."""
-    import scipy.sparse as sp
+def check_counts(mat: Any, where: str = "counts") -> None:
+    """Raise if ``mat`` has NaN, inf, negative or non-integer values (every stored value is checked)."""
+    from imagene._validate import check_counts_values
 
-    data = mat.data if sp.issparse(mat) else np.asarray(mat).ravel()
-    if data.size == 0:
-        return
-    if data.size > sample:
-        data = data[np.random.default_rng(0).choice(data.size, sample, replace=False)]
-    data = np.asarray(data, dtype=np.float64)
-    if np.isnan(data).any():
-        raise ValueError(f"{where} contains NaN values; raw counts are required. Fill or drop them first.")
-    if (data < 0).any():
-        raise ValueError(f"{where} contains negative values; raw counts are required (pass the raw counts layer).")
-    if not np.allclose(data, np.round(data)):
-        raise ValueError(
-            f"{where} contains non-integer values; raw counts are required, not normalised data. "
-            "Pass the raw counts layer (e.g. `layer='counts'`)."
-        )
+    check_counts_values(mat, where)
 
 
 def log_normalize(counts: Any, target_sum: float = 1e4) -> np.ndarray:

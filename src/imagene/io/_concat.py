@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from imagene._constants import KEYS
+from imagene._validate import check_gene_sets_measured
 
 
 def concat(
@@ -28,7 +29,9 @@ def concat(
         Column of ``obs`` holding the section id (categorical; equal to the ``uns['spatial']`` key,
         so squidpy's ``library_key`` works).
     join
-        ``'inner'`` keeps genes measured in every section (recommended), ``'outer'`` all genes.
+        ``'inner'`` keeps genes measured in every section (recommended), ``'outer'`` all genes:
+        genes a section did not measure become zero counts there, with a warning (models would
+        take them for true zeros).
 
     Returns
     -------
@@ -54,6 +57,7 @@ def concat(
             spatial[lib] = entries[lib]
         elif len(entries) == 1:
             spatial[lib] = next(iter(entries.values()))
+    check_gene_sets_measured(dict(adatas), join)
     out = ad.concat(dict(adatas), label=section_key, join=join, index_unique="-", merge="same")
     out.obs[section_key] = pd.Categorical(out.obs[section_key], categories=list(adatas))
     out.uns["spatial"] = spatial

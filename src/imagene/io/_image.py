@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from imagene._utils import warn
+from imagene._validate import decode_errors
 
 logger = logging.getLogger("imagene")
 
@@ -54,7 +55,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
     Image.MAX_IMAGE_PIXELS = None  # slides are large on purpose
-    with Image.open(path) as im:
+    with decode_errors(path), Image.open(path) as im:
         if im.mode not in ("RGB", "L", "RGBA", "LA", "P", "I;16", "I", "F"):
             im = im.convert("RGB")
         if im.mode == "P":
@@ -77,7 +78,7 @@ def read_image_downscaled(path: str | os.PathLike, max_px: int) -> tuple[np.ndar
     if not path.exists():
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
     Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
+    with decode_errors(path), Image.open(path) as im:
         full_w, full_h = im.size
         s = min(1.0, max_px / max(full_w, full_h))
         target = (max(1, round(full_w * s)), max(1, round(full_h * s)))

@@ -13,6 +13,7 @@ from anndata import AnnData
 
 from imagene._constants import KEYS, SPOT_DIAMETER_UM, SPOT_PITCH_UM
 from imagene._utils import check_counts, warn
+from imagene._validate import check_image_file, lattice_regularity
 from imagene.io._image import as_rgb, downscale, read_image_downscaled
 
 logger = logging.getLogger("imagene")
@@ -35,11 +36,25 @@ def infer_microns_per_pixel(spatial: np.ndarray, pitch_um: float) -> float:
         raise ValueError(
             "Cannot infer microns per pixel from fewer than 2 spots. Pass `microns_per_pixel=` explicitly."
         )
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise ValueError(
+            f"Spot centres must be a finite (n, 2) array to infer microns per pixel; got shape {xy.shape}"
+            f"{' with NaN or inf' if xy.ndim == 2 and not np.isfinite(xy).all() else ''}. Drop spots without "
+            "coordinates, or pass `microns_per_pixel=` explicitly."
+        )
     d, _ = cKDTree(xy).query(xy, k=2)
     nn = np.median(d[:, 1])
     if not np.isfinite(nn) or nn <= 0:
         raise ValueError(
             "Cannot infer microns per pixel: spots share coordinates. Pass `microns_per_pixel=` explicitly."
+        )
+    regular = lattice_regularity(d[:, 1])
+    if regular < 0.5:
+        raise ValueError(
+            f"Cannot infer microns per pixel from these {xy.shape[0]} spots: their nearest-spot distances vary "
+            f"(median {nn:.1f} px), so they do not sit on a full array of the platform's pitch (a sparse "
+            f"subset, whose nearest spots are several {pitch_um:g} µm pitches apart, would give a wrong, too small "
+            "value). Infer it on the whole section before subsetting, or pass `microns_per_pixel=` explicitly."
         )
     return float(pitch_um / nn)
 
@@ -67,7 +82,7 @@ def read_legacy_st(
 
     The counts table has one row per spot named ``"{x}x{y}"`` (array coordinates) and one column
     per gene; the spot table has columns ``x y pixel_x pixel_y`` (``selected`` optional), where
-    ``pixel_x`` / ``pixel_y`` are the column / row of the spot centre in the **full-resolution**
+    ``pixel_x`` / ``pixel_y`` (finite numbers) are the column / row of the spot centre in the **full-resolution**
     H&E image. Rows are joined on ``f"{x}x{y}"``.
 
     Parameters
@@ -123,6 +138,14 @@ def read_legacy_st(
     if missing:
         raise ValueError(f"Spot table of section {library_id!r} lacks columns {sorted(missing)}; expected x, y, pixel_x, pixel_y.")
     tab = tab.copy()
+    coords = tab[["x", "y", "pixel_x", "pixel_y"]].apply(pd.to_numeric, errors="coerce")
+    bad = ~np.isfinite(coords.to_numpy(dtype=np.float64)).all(1)
+    if bad.any():
+        raise ValueError(
+            f"Spot table of section {library_id!r} has {int(bad.sum())} row(s) with missing or non-numeric x, y, "
+            f"pixel_x or pixel_y (first at row {int(np.flatnonzero(bad)[0])}). Drop those rows "
+            "(`spots = spots.dropna(subset=['x', 'y', 'pixel_x', 'pixel_y'])`) or fill in their coordinates."
+        )
     tab.index = _spot_key(tab["x"], tab["y"])
     if in_tissue_only and "selected" in tab.columns:
         tab = tab[tab["selected"].astype(int) == 1]
@@ -173,6 +196,7 @@ def read_legacy_st(
     }
     if image is not None:
         if isinstance(image, (str, os.PathLike)):
+            check_image_file(image)
             spatial["metadata"]["source_image_path"] = str(Path(image).resolve())
             # the hires copy is decoded at reduced size; tiles are cut from the file later
             hires, s, shape = read_image_downscaled(image, hires_max_px)

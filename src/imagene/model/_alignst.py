@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from scvi.model.base import BaseModelClass
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
 from imagene._utils import get_counts, log_normalize, warn
+from imagene._validate import check_int, check_max_epochs
 from imagene.model._base import AlignmentMixin, make_module, mc_dropout_sd, resolve_query
 from imagene.module._alignst import AlignSTModule, mse_pcc_loss
 
@@ -174,6 +176,7 @@ class AlignST(BaseModelClass):
         dropout: float = 0.1,
         **module_kwargs: Any,
     ) -> None:
+        check_int("n_hidden", n_hidden, 1, hint="Pass a positive hidden width, e.g. `n_hidden=128`.")
         super().__init__(adata)
         args = self._setup_args
         self._init_without_data(
@@ -431,6 +434,8 @@ class AlignST(BaseModelClass):
         restore_best_weights: bool = True,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         """Train on the seen genes; each step is one whole section (its patch graph, full batch).
@@ -463,11 +468,17 @@ class AlignST(BaseModelClass):
             (:class:`imagene.train.RestoreBestWeights`).
         accelerator, devices
             Lightning settings.
+        checkpoint_dir, resume
+            Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
+            (:func:`imagene.train.checkpoint_settings`).
         **trainer_kwargs
             Passed to :class:`lightning.Trainer`.
         """
         import lightning as L
 
+        from imagene.train import check_optimised, checkpoint_settings, trainable_snapshot
+
+        max_epochs = check_max_epochs(max_epochs)
         seed = settings.seed if settings.seed is not None else 0
         unseen = [str(g) for g in (unseen_genes or [])]
         if seen_genes is None:
@@ -520,11 +531,15 @@ class AlignST(BaseModelClass):
         trainer_kwargs.setdefault("enable_model_summary", False)
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
         trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+        trainer_kwargs, ckpt_path = checkpoint_settings(trainer_kwargs, checkpoint_dir, resume, what="AlignST training")
         trainer = L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, **trainer_kwargs)
         self.module.train()
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader)
+        before = trainable_snapshot(self.module)
+        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         self.module.eval()
         self.module.cpu()
+        if ckpt_path is None:
+            check_optimised(self.module, before, name="AlignST")
         self.seen_genes_ = list(seen)
         emb_key = self._setup_args.get("gene_embedding_key")
         if emb_key is not None:  # saved with the model, so that it predicts without the training AnnData

@@ -15,6 +15,17 @@ from anndata import AnnData
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._utils import check_adata, check_counts, get_counts, warn
+from imagene._validate import (
+    MIN_VALIDATION_SPOTS,
+    check_feature_provenance,
+    check_int,
+    check_max_epochs,
+    check_model_dir,
+    check_unique_obs_names,
+    check_validation_size,
+    ddp_world_size,
+    feature_provenance,
+)
 
 if TYPE_CHECKING:
     pass
@@ -56,6 +67,7 @@ class AlignmentMixin:
         (``None`` skips the check), non-count data and a missing ``obs[batch_key]``, each with the fix.
         """
         check_adata(adata)
+        check_unique_obs_names(adata)
         if adata.is_view:
             raise ValueError("setup_anndata got a view of an AnnData. Pass a copy: `adata = adata[mask].copy()`.")
         if image_key is not None and image_key not in adata.obsm:
@@ -135,6 +147,8 @@ class AlignmentMixin:
         devices: int | list[int] | str,
         datasplitter_kwargs: dict | None,
         monitor: tuple[str, str] = ("recall5_validation", "max"),
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Spot-level training with scvi-tools' runner: whole sections held out for validation.
@@ -146,23 +160,43 @@ class AlignmentMixin:
         """
         from scvi.model.base import UnsupervisedTrainingMixin
 
+        from imagene.train import check_optimised, checkpoint_settings, trainable_snapshot
+
+        max_epochs = check_max_epochs(max_epochs)
+        batch_size = check_int("batch_size", batch_size, 2, hint="InfoNCE needs negatives: pass e.g. `batch_size=128`.")
         datasplitter_kwargs = dict(datasplitter_kwargs or {})
         split = self._section_split(validation_sections)
         n_train = self.adata.n_obs
         if split is not None and "external_indexing" not in datasplitter_kwargs:
             datasplitter_kwargs["external_indexing"] = [split[0], split[1], np.array([], dtype=int)]
             n_train = len(split[0])
+            check_validation_size(len(split[1]), "validation set (held-out sections)")
         elif split is None:
             trainer_kwargs.setdefault("train_size", 0.9)
             n_train = int(0.9 * self.adata.n_obs)
-        batch_size = int(min(batch_size, max(2, n_train)))
-        datasplitter_kwargs.setdefault("drop_last", n_train > batch_size)
+            n_val = self.adata.n_obs - n_train
+            if n_val < MIN_VALIDATION_SPOTS:
+                warn(
+                    f"Only {n_val} spot(s) are held out for validation (10% of one section): recall@5% over so few "
+                    "spots barely moves, so early stopping is unreliable. Set up with `batch_key=` and several "
+                    "sections, or pass `early_stopping=False`."
+                )
+        # each device draws its own batches from its shard of the training spots
+        world = ddp_world_size(trainer_kwargs.get("strategy"), devices, trainer_kwargs.get("num_nodes", 1))
+        batch_size = int(min(batch_size, max(2, n_train // world)))
+        datasplitter_kwargs.setdefault("drop_last", n_train // world > batch_size)
         trainer_kwargs = self._monitoring_kwargs(
             trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             restore_best_weights=restore_best_weights, monitor=monitor[0], mode=monitor[1],
         )
+        trainer_kwargs, ckpt_path = checkpoint_settings(
+            trainer_kwargs, checkpoint_dir, resume, what=f"{type(self).__name__} training"
+        )
+        if ckpt_path is not None:
+            trainer_kwargs["ckpt_path"] = ckpt_path
         # Lightning keeps the mode modules are in: a model used for inference before is in eval mode
         self.module.train()
+        before = trainable_snapshot(self.module)
         UnsupervisedTrainingMixin.train(
             self,
             max_epochs=max_epochs,
@@ -175,6 +209,16 @@ class AlignmentMixin:
             **trainer_kwargs,
         )
         self._record_monitor(trainer_kwargs, monitor, early_stopping)
+        if ckpt_path is None:  # a resumed run may legitimately start at its last epoch
+            self._require_optimised(before, check_optimised)
+
+    def _require_optimised(self, before: list, check) -> None:
+        """Unmark the model as trained and raise when no optimisation step ran."""
+        try:
+            check(self.module, before, name=type(self).__name__)
+        except RuntimeError:
+            self.is_trained_ = False
+            raise
 
     def _record_monitor(self, trainer_kwargs: dict, monitor: tuple[str, str], early_stopping: bool) -> None:
         """Keep what the fit watched and the epoch it restored (``train_monitor_``, saved with the model)."""
@@ -203,6 +247,8 @@ class AlignmentMixin:
                 "AnnData the same way (`imagene.pp.extract_tiles` then `imagene.pp.embed_tiles` with the same encoder)."
             )
         arr = adata.obsm[key]
+        if adata is not self.adata:
+            check_feature_provenance(feature_provenance(self.adata, key), adata, key)
         expected = self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"]
         if arr.shape[1] != expected:
             raise ValueError(
@@ -344,6 +390,9 @@ class AlignmentMixin:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Query-reference retrieval: (prediction, weighted spread of the neighbours, best similarity)."""
         self._check_trained()
+        if adata is not None:
+            check_adata(adata)
+            check_unique_obs_names(adata)
         if getattr(self, "reference_latent_", None) is None:
             raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
         if weighting not in ("similarity", "softmax", "uniform"):
@@ -508,6 +557,7 @@ class AlignmentMixin:
         >>> model = imagene.model.UMPIRE.load("model_dir")
         >>> imagene.tl.predict_expression(model, query)
         """
+        check_model_dir(dir_path)
         return load_model(cls, dir_path, adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs)
 
 

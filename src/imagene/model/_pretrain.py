@@ -6,7 +6,6 @@ import copy
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -302,29 +301,18 @@ class GeneEncoderPretrainer:
         Nothing; the encoder is trained in place and ``history_`` extended.
         """
         import lightning.pytorch as pl
-        from lightning.pytorch.callbacks import ModelCheckpoint
         from torch.utils.data import DataLoader, TensorDataset
 
         if corpus is not None:
             self.tokens_ = self.tokenize(corpus)
         if getattr(self, "tokens_", None) is None:
             raise ValueError("No corpus to train on: pass `corpus=` (sections with raw counts) to train().")
-        ckpt_path = None
-        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-        if checkpoint_dir is not None:
-            checkpoint_dir = Path(checkpoint_dir)
-            # no version counter: a new run overwrites last.ckpt instead of writing last-v1.ckpt beside a
-            # stale one (which resume=True would then pick up)
-            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1,
-                                             enable_version_counter=False))
-            last = checkpoint_dir / "last.ckpt"
-            if resume and last.exists():
-                ckpt_path = str(last)
-                logger.info("Resuming masked-gene pre-training from %s", last)
-            elif resume:
-                logger.info("No checkpoint in %s; starting from the current weights", checkpoint_dir)
-        elif resume:
-            raise ValueError("resume=True needs `checkpoint_dir=` (the folder of the checkpoints to resume from).")
+        from imagene.train import checkpoint_settings
+
+        trainer_kwargs, ckpt_path = checkpoint_settings(
+            trainer_kwargs, checkpoint_dir, resume, what="masked-gene pre-training"
+        )
+        callbacks = trainer_kwargs.pop("callbacks", [])
         if settings.seed is not None:
             pl.seed_everything(settings.seed, verbose=False)
         task = _MLMTask.build(
@@ -341,7 +329,7 @@ class GeneEncoderPretrainer:
             accelerator=accelerator,
             devices=devices,
             callbacks=callbacks,
-            enable_checkpointing=checkpoint_dir is not None,
+            enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
             logger=trainer_kwargs.pop("logger", False),
             enable_progress_bar=settings.progress_bar if enable_progress_bar is None else enable_progress_bar,
             enable_model_summary=trainer_kwargs.pop("enable_model_summary", False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from scvi.model.base import BaseModelClass
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
 from imagene._utils import log_normalize
+from imagene._validate import check_int, check_max_epochs
 from imagene.model._base import AlignmentMixin
 from imagene.module._sigmma import SCALES, SIGMMAModule
 from imagene.train import ContrastiveTrainingPlan
@@ -243,6 +245,8 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         loss_scales: Sequence[str] = SCALES,
         tau: float = 0.5,
     ) -> None:
+        check_int("n_latent", n_latent, 1, hint="It is the width of the shared embedding: pass e.g. `n_latent=64`.")
+        check_int("n_hidden", n_hidden, 1, hint="Pass a positive hidden width, e.g. `n_hidden=128`.")
         super().__init__(adata)
         crops = adata.uns.get(KEYS.TILE_CROPS)
         if crops is None:
@@ -398,6 +402,8 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         """Train on batches of whole tiles, then store the reference bank of :meth:`predict_expression`.
@@ -427,6 +433,9 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             Lightning device settings.
         plan_kwargs
             Passed to :class:`imagene.train.ContrastiveTrainingPlan`.
+        checkpoint_dir, resume
+            Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
+            (:func:`imagene.train.checkpoint_settings`).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer`.
 
@@ -436,6 +445,9 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         """
         from scvi.train import TrainRunner
 
+        from imagene.train import check_optimised, checkpoint_settings, trainable_snapshot
+
+        max_epochs = check_max_epochs(max_epochs)
         data = self._tile_data(self.adata, need_gene=True, need_image=True)
         train_tiles, val_tiles = self._tile_split(data, validation_sections)
         if len(train_tiles) < 2:
@@ -462,7 +474,11 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         if not has_val:
             trainer_kwargs.pop("check_val_every_n_epoch")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        trainer_kwargs, ckpt_path = checkpoint_settings(trainer_kwargs, checkpoint_dir, resume, what="SIGMMA training")
+        if ckpt_path is not None:
+            trainer_kwargs["ckpt_path"] = ckpt_path
         self.module.train()  # Lightning keeps the mode a module is in
+        before = trainable_snapshot(self.module)
         runner = TrainRunner(
             self, training_plan=plan, data_splitter=dm, max_epochs=max_epochs, accelerator=accelerator,
             devices=devices, early_stopping=early_stopping, **trainer_kwargs,
@@ -473,6 +489,8 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`")
             runner()
         self._record_monitor(trainer_kwargs, ("recall5_validation", "max"), early_stopping)
+        if ckpt_path is None:
+            self._require_optimised(before, check_optimised)
         self._build_reference()
 
     # ---- latents

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._utils import log_normalize, progress, save_key, warn
+from imagene._validate import check_int
 from imagene.model._base import AlignmentMixin, _format_prediction, mc_dropout_sd
 from imagene.module._stalign import STAlignModule
 from imagene.pp._niches import niche_mean_operator
@@ -159,6 +161,8 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         spot_image_encoder: str = "small_cnn",
         **module_kwargs: Any,
     ) -> None:
+        check_int("n_latent", n_latent, 1, hint="It is the width of the shared embedding: pass e.g. `n_latent=64`.")
+        check_int("n_hidden", n_hidden, 1, hint="Pass a positive hidden width, e.g. `n_hidden=128`.")
         super().__init__(adata)
         args = self._setup_args
         if adaptive_encoders and not args.get("has_spot_tiles", False):
@@ -496,6 +500,8 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         """Train the encoders and the ABFN, then the expression probe and the reference bank.
@@ -531,6 +537,9 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Passed to the training plan (:class:`imagene.train.ContrastiveTrainingPlan` options).
         datasplitter_kwargs
             Passed to :class:`scvi.dataloaders.DataSplitter`.
+        checkpoint_dir, resume
+            Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
+            (:func:`imagene.train.checkpoint_settings`).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer`.
 
@@ -553,7 +562,8 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             max_epochs, plan_kwargs=plan_kwargs, batch_size=batch_size, validation_sections=validation_sections,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             restore_best_weights=restore_best_weights, accelerator=accelerator, devices=devices,
-            datasplitter_kwargs=datasplitter_kwargs, **trainer_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs, checkpoint_dir=checkpoint_dir, resume=resume,
+            **trainer_kwargs,
         )
         self._build_reference()
         if probe_epochs > 0:

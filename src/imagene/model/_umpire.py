@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import REGISTRY_KEYS
 from imagene._utils import log_normalize, warn
+from imagene._validate import check_int
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
 from imagene.train import ContrastiveTrainingPlan
@@ -141,6 +143,9 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}; got {objective!r}.")
         if objective == "rec" and gene_encoder_weights is not None:
             raise ValueError("objective='rec' has no gene tower, so gene_encoder_weights would be unused; drop them.")
+        check_int("n_latent", n_latent, 1, hint="It is the width of the shared embedding: pass e.g. `n_latent=64`.")
+        check_int("n_hidden", n_hidden, 1, hint="Pass a positive hidden width, e.g. `n_hidden=128`.")
+        check_int("n_layers", n_layers, 0)
         super().__init__(adata)
         image_shape = self.adata_manager.get_from_registry(REGISTRY_KEYS.IMAGE_KEY).shape
         if len(image_shape) == 4 and image_encoder is None:
@@ -253,6 +258,8 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs: Any,
     ) -> None:
         """Train the towers, then store the reference bank used by :meth:`predict_expression`.
@@ -292,6 +299,9 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Passed to :class:`imagene.train.ContrastiveTrainingPlan`.
         datasplitter_kwargs
             Passed to :class:`scvi.dataloaders.DataSplitter`.
+        checkpoint_dir, resume
+            Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
+            (:func:`imagene.train.checkpoint_settings`).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (Lightning options such as ``strategy="ddp"``,
             ``num_nodes``, ``logger``, ``default_root_dir``).
@@ -302,7 +312,8 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             max_epochs, plan_kwargs=plan_kwargs, batch_size=batch_size, validation_sections=validation_sections,
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             restore_best_weights=restore_best_weights, accelerator=accelerator, devices=devices,
-            datasplitter_kwargs=datasplitter_kwargs, monitor=monitor, **trainer_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs, monitor=monitor, checkpoint_dir=checkpoint_dir,
+            resume=resume, **trainer_kwargs,
         )
         self._build_reference()
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from imagene._utils import require, warn
+from imagene._validate import check_hub_reachable
 from imagene.nn._image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, SmallCNN, TinyCNN
 
 logger = logging.getLogger("imagene")
@@ -236,6 +237,12 @@ def _describe(path: str) -> str:
 
 
 def _check_file(path: str) -> None:
+    if path.startswith(_HUB_PREFIX):
+        raise FileNotFoundError(
+            f"weights={path!r} is a hub id, and this encoder loads local checkpoints only. Pass the hub model as the "
+            f"encoder instead (encoder={path!r}, needs a network connection), or download the checkpoint and pass "
+            "weights='/path/to/checkpoint.pth' (or .safetensors)."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Checkpoint {path!r} not found. Pass `weights=` an existing local file (.pth, .pt, .bin or "
@@ -421,6 +428,8 @@ def _timm_encoder(
     if hub:
         model_kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": weights.removeprefix(_HUB_PREFIX)}
     try:
+        if fetch:
+            check_hub_reachable(weights if hub else name)  # fail fast instead of retrying for half a minute
         model = timm.create_model(name, pretrained=fetch, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         if folder is not None and not hub:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
 from imagene._constants import KEYS
-from imagene._utils import check_adata, check_obsm, get_counts, save_key
+from imagene._utils import check_adata, get_counts, save_key
+from imagene._validate import as_categorical_codes, check_spatial, check_unique_obs_names
 from imagene.pp._library import resolve_libraries
 
 logger = logging.getLogger("imagene")
@@ -47,8 +49,8 @@ def niches(
     n_neighs
         Neighbours per spot (the niche is the spot plus these).
     library_key
-        ``obs`` column of each spot's section; ``'section'`` is used when present. Neighbours never
-        cross sections.
+        ``obs`` column of each spot's section (categorical, string or numbers; the column is not
+        changed); ``'section'`` is used when present. Neighbours never cross sections.
     spatial_key
         ``obsm`` key of spot centres.
     layer
@@ -74,7 +76,8 @@ def niches(
     import squidpy as sq
 
     check_adata(adata)
-    xy = check_obsm(adata, spatial_key, "Spot centres are required.")
+    check_unique_obs_names(adata)
+    xy = check_spatial(adata, spatial_key)
     if n_neighs < 1:
         raise ValueError(f"n_neighs must be >= 1; got {n_neighs}.")
     library_key, groups = resolve_libraries(adata, library_key)
@@ -85,8 +88,14 @@ def niches(
             "Lower n_neighs or drop that section."
         )
     counts = get_counts(adata, layer) if niche_expression else None
+    # squidpy reads the section column as a categorical: give it a categorical copy in a bare AnnData
+    # (spots and coordinates only), so a string column works and the user's column is never converted
+    obs = pd.DataFrame(index=adata.obs_names.copy())
+    if library_key is not None:
+        obs[library_key] = as_categorical_codes(adata.obs[library_key].to_numpy())
+    bare = AnnData(obs=obs, obsm={spatial_key: xy})
     res = sq.gr.spatial_neighbors_knn(
-        adata, spatial_key=spatial_key, library_key=library_key, n_neighs=n_neighs, copy=True
+        bare, spatial_key=spatial_key, library_key=library_key, n_neighs=n_neighs, copy=True
     )
     conn, dist = sp.csr_matrix(res.connectivities), sp.csr_matrix(res.distances)
     if np.asarray(xy).shape[0] != conn.shape[0]:  # pragma: no cover - defensive

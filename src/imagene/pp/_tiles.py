@@ -12,7 +12,16 @@ import numpy as np
 from anndata import AnnData
 
 from imagene._constants import KEYS
-from imagene._utils import check_adata, check_obsm, progress, save_key, warn
+from imagene._constants import SPOT_PITCH_UM
+from imagene._utils import check_adata, progress, save_key, warn
+from imagene._validate import (
+    check_positive_float,
+    check_spatial,
+    check_spot_pitch,
+    check_tissue_content,
+    check_unique_obs_names,
+    thumbnail,
+)
 from imagene.io._image import LAZY_SUFFIXES, as_rgb, open_lazy, read_image, spatialdata_image_to_dask
 from imagene.pp._library import resolve_libraries
 
@@ -112,6 +121,24 @@ def _source_for(adata: AnnData, lib: str, image: Any) -> tuple[Any, float, str]:
     )
 
 
+def _check_geometry(
+    adata: AnnData, lib: str, image: Any, xy_full: np.ndarray, mpp: float, tile_full: float, spatial_key: str
+) -> None:
+    """Spots against their image: the platform's spot pitch, and tiles on tissue rather than glass.
+
+    ``image`` is the section's resolved user image (``None``: the images of ``uns``).
+    """
+    entry = adata.uns.get("spatial", {}).get(lib, {})
+    platform = str(entry.get("metadata", {}).get("platform", ""))
+    if platform in SPOT_PITCH_UM:
+        check_spot_pitch(xy_full, mpp, SPOT_PITCH_UM[platform], lib, spatial_key)
+    if len(xy_full) < 10:
+        return
+    thumb = thumbnail(adata, lib, image)
+    if thumb is not None:
+        check_tissue_content(thumb[0], thumb[1], xy_full, tile_full, lib, spatial_key)
+
+
 def _crop_windows(centres: np.ndarray, size: float) -> np.ndarray:
     """Integer (x0, y0, s) windows of side ``s`` pixels centred on ``centres``."""
     s = max(1, int(round(size)))
@@ -183,7 +210,11 @@ def extract_tiles(
     max_memory_gb
         Refuse to hold more than this in memory when ``store`` is ``None``.
     check_scale
-        Raise when spot coordinates look like they are in another scale than the image.
+        Check the spots against their image and raise when they look like they are in another scale
+        (or have x and y swapped): spots span under 5 % of the image; spots packed closer than the
+        platform's spot pitch (legacy ST 200 µm, Visium 100 µm) at ``microns_per_pixel``; more than
+        half of the tiles on glass (a warning above 3 %), or far fewer with x and y exchanged. The
+        tissue check uses the ``hires`` / ``lowres`` image (or an in-memory image); ``False`` skips it.
     batch_size
         Tiles cut (and, for lazy images, read) per step.
     key_added
@@ -206,13 +237,13 @@ def extract_tiles(
     (1184, 224, 224, 3)
     """
     check_adata(adata)
-    spatial = np.asarray(check_obsm(adata, spatial_key, "Spot centres in full-resolution pixels are required."))
-    if spatial.ndim != 2 or spatial.shape[1] < 2 or not np.isfinite(spatial[:, :2]).all():
-        raise ValueError(f"adata.obsm[{spatial_key!r}] must be a finite (n_obs, 2) array of pixel coordinates.")
+    check_unique_obs_names(adata)
+    spatial = check_spatial(adata, spatial_key)
     if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)):
         raise TypeError(f"tile_px must be an integer number of pixels; got {tile_px!r}.")
-    if not (tile_size_um > 0 and tile_px >= 1):
-        raise ValueError(f"tile_size_um and tile_px must be positive; got {tile_size_um}, {tile_px}.")
+    tile_size_um = check_positive_float("tile_size_um", tile_size_um)
+    if tile_px < 1:
+        raise ValueError(f"tile_px must be a positive number of pixels; got {tile_px}. Pass e.g. `tile_px=224`.")
     _, groups = resolve_libraries(adata, library_key)
 
     # resolve and validate every section before writing anything
@@ -257,6 +288,9 @@ def extract_tiles(
                     "with a hires image). Convert obsm['spatial'] to full-resolution pixels, or pass "
                     "`check_scale=False` if the tissue really is that small."
                 )
+        if check_scale:
+            _check_geometry(adata, lib, None if image is None else img, spatial[idx], mpp, tile_size_um / mpp,
+                            spatial_key)
         plans.append((lib, idx, img, xy, size_src, mpp, desc))
 
     n = adata.n_obs

@@ -1,9 +1,25 @@
 """Training plans and callbacks shared by the models."""
 
 from imagene.train._callbacks import RestoreBestWeights, monitor_summary
+from imagene.train._checkpoint import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    check_optimised,
+    checkpoint_settings,
+    trainable_snapshot,
+)
 from imagene.train._plan import ContrastiveTrainingPlan
 
-__all__ = ["ContrastiveTrainingPlan", "RestoreBestWeights", "monitor_summary"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ContrastiveTrainingPlan",
+    "LastCheckpoint",
+    "RestoreBestWeights",
+    "check_optimised",
+    "checkpoint_settings",
+    "monitor_summary",
+    "trainable_snapshot",
+]
 
 from imagene._settings import settings as _settings
 

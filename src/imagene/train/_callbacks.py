@@ -32,6 +32,14 @@ class RestoreBestWeights(Callback):
         self.best_epoch: int | None = None
         self._state: dict | None = None
 
+    def state_dict(self) -> dict:
+        """Saved in checkpoints, so that a resumed run still restores the best epoch of the whole run."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self._state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
+        self._state = state_dict.get("state")
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return

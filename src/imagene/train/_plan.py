@@ -17,7 +17,8 @@ class ContrastiveTrainingPlan(TrainingPlan):
     ``temperature_train``, ...) and, over the WHOLE validation set at each epoch end,
     ``recall5_validation``: the fraction of validation spots whose own gene embedding is among
     the top 5 % most similar to their image embedding (a retrieval metric independent of the
-    batch size, unlike the InfoNCE loss). Modules name their paired embeddings in
+    batch size, unlike the InfoNCE loss); under DDP the embeddings of every rank are gathered first,
+    so the metric is computed once over the whole validation set. Modules name their paired embeddings in
     ``_pair_keys`` (default ``("z_image", "z_gene")``).
     """
 
@@ -59,7 +60,20 @@ class ContrastiveTrainingPlan(TrainingPlan):
         za = torch.cat([a for a, _ in self._val_pairs])
         zb = torch.cat([b for _, b in self._val_pairs])
         self._val_pairs = []
+        if self.trainer.world_size > 1:  # one metric over the validation spots of every rank, not a mean of shards
+            za, zb = gather_rows(self, za), gather_rows(self, zb)
         za, zb = za.float().cpu().numpy(), zb.float().cpu().numpy()
         recall = 0.5 * (recall_at_k(za, zb, k_percent=5) + recall_at_k(zb, za, k_percent=5))
-        self.log("recall5_validation", recall, sync_dist=self.use_sync_dist)
+        # every rank holds the same value: no reduction needed
+        self.log("recall5_validation", recall, rank_zero_only=False)
+
+
+def gather_rows(module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order (ranks may hold different numbers of rows)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = module.all_gather(n).reshape(-1)
+    m = int(sizes.max())
+    pad = torch.zeros((m - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    gathered = module.all_gather(torch.cat([x, pad]))  # (world, m, ...)
+    return torch.cat([gathered[r, : int(sizes[r])] for r in range(gathered.shape[0])])
 
