@@ -1,5 +1,6 @@
 """Preprocessing: tiles, frozen image features, niche graphs, section splits."""
 
+from imagene.pp._context import context_features, context_matrix, neighbor_features
 from imagene.pp._features import embed_tiles
 from imagene.pp._niches import niches
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
@@ -7,4 +8,16 @@ from imagene.pp._split import section_split
 from imagene.pp._tile_graphs import embed_tile_crops, tile_graphs
 from imagene.pp._tiles import extract_tiles
 
-__all__ = ["embed_tile_crops", "embed_tiles", "extract_tiles", "niches", "nuclei_maps", "nuclei_mask", "section_split", "tile_graphs"]
+__all__ = [
+    "context_features",
+    "context_matrix",
+    "embed_tile_crops",
+    "embed_tiles",
+    "extract_tiles",
+    "neighbor_features",
+    "niches",
+    "nuclei_maps",
+    "nuclei_mask",
+    "section_split",
+    "tile_graphs",
+]
