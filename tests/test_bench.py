@@ -343,7 +343,7 @@ def test_several_tasks_share_one_fit_per_method_and_fold(synthetic):
 
 def test_default_methods_cover_umpire_and_every_baseline():
     assert [m.name for m in bench.default_methods("expression")] == [
-        "umpire", "bleep_style", "ridge_probe", "stnet_style", "random_reference", "mean_expression"
+        "umpire", "bleep_style", "ridge_probe", "context_ridge", "stnet_style", "random_reference", "mean_expression"
     ]
     assert "mean_expression" not in [m.name for m in bench.default_methods("retrieval")]
     assert [m.name for m in bench.default_methods("clustering")] == ["umpire", "expression_pca", "image_features"]
