@@ -30,9 +30,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, machine_info, quiet  # noqa: E402
+import numpy as np
+from _common import DATA, RESULTS, machine_info, quiet
 
-import imagene as ig  # noqa: E402
+import imagene as ig
 
 HER2ST = ("B4", "C2", "C3", "C4")
 MOB = ("MOB1", "MOB2")
@@ -75,6 +76,73 @@ def _read_mob(cache: Path):
     ig.pp.niches(adata, n_neighs=6, library_key="section", niche_expression=False)
     ig.pp.context_matrix(adata, keys)
     return adata
+
+
+#: Macenko et al. (ISBI 2009) reference H&E stain vectors (columns: haematoxylin, eosin; optical density
+#: of R, G, B) and 99th-percentile concentrations, as in the reference implementation and torchstain
+HE_REF = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+MAX_C_REF = np.array([1.9705, 1.0308])
+
+
+def _macenko(tiles: np.ndarray, *, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15) -> np.ndarray:
+    """Macenko stain normalisation of one section's tiles to :data:`HE_REF`.
+
+    The stain vectors and the 99th-percentile concentrations are estimated once per section, from
+    the tissue pixels (optical density above ``beta``) of all its tiles, then every pixel is
+    re-expressed with the reference stains.
+    """
+    od = -np.log((tiles.reshape(-1, 3).astype(np.float64) + 1) / io)
+    tissue = od[(od > beta).all(1)]
+    rng = np.random.default_rng(0)
+    if len(tissue) > 2_000_000:
+        tissue = tissue[rng.choice(len(tissue), 2_000_000, replace=False)]
+    _, vecs = np.linalg.eigh(np.cov(tissue.T))
+    plane = vecs[:, 1:3]
+    proj = tissue @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, alpha), np.percentile(phi, 100 - alpha)
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    he = np.stack([v1, v2], 1) if v1[0] > v2[0] else np.stack([v2, v1], 1)  # haematoxylin first
+    he *= np.sign(he.sum(0, keepdims=True))
+    conc_tissue = np.linalg.lstsq(he, tissue.T, rcond=None)[0]
+    max_c = np.percentile(conc_tissue, 99, axis=1)
+    conc = np.linalg.lstsq(he, od.T, rcond=None)[0] * (MAX_C_REF / max_c)[:, None]
+    out = io * np.exp(-(HE_REF @ conc))
+    return np.clip(out.T, 0, 255).astype(np.uint8).reshape(tiles.shape)
+
+
+def _stain_features(adata, cache: Path) -> str:
+    """Spot features (112 µm, 224 px) of Macenko-normalised tiles, cached per section; returns the key."""
+    key = f"{SPOT}_macenko"
+    feats = np.empty((adata.n_obs, 1280), np.float32)
+    for s in adata.obs["section"].cat.categories:
+        rows = np.flatnonzero(adata.obs["section"].to_numpy() == s)
+        path = cache / f"{s}__{ENCODER}__224px__112um__macenko.npz"
+        if path.exists():
+            with np.load(path) as z:
+                if list(z["obs_names"]) == list(adata.obs_names[rows]):
+                    feats[rows] = z["features"]
+                    continue
+        part = adata[rows].copy()
+        ig.pp.extract_tiles(part, tile_size_um=112.0, tile_px=224, show_progress_bar=False)
+        part.obsm["imagene_tiles"] = _macenko(np.asarray(part.obsm["imagene_tiles"]))
+        ig.pp.embed_tiles(part, encoder=ENCODER, key_added=key, show_progress_bar=False)
+        feats[rows] = part.obsm[key]
+        np.savez(path, features=feats[rows], obs_names=np.asarray(adata.obs_names[rows], dtype=str))
+    adata.obsm[key] = feats
+    return key
+
+
+def _evaluate_stain(adata, label: str, cache: Path) -> tuple[list[dict], list[dict]]:
+    key = _stain_features(adata, cache)
+    plain = ig.bench.RidgeProbe()
+    stained = ig.bench.ContextRidge(context_key=key)
+    stained.name = "ridge_probe[macenko]"
+    df = ig.bench.run(adata, section_key="section", task="expression", methods=[plain, stained], image_key=SPOT)
+    summary = ig.bench.summarize(df)
+    summary.insert(0, "data", label)
+    return df.assign(data=label).to_dict("records"), summary.to_dict("records")
 
 
 def _evaluate(adata, label: str) -> tuple[list[dict], list[dict]]:
@@ -122,12 +190,17 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/imagene_context_cache"),
                    help="folder of cached tile features (default: /tmp/imagene_context_cache)")
     p.add_argument("--mob", action="store_true", help="also run MOB1 <-> MOB2")
+    p.add_argument("--stain", action="store_true",
+                   help="also the ridge probe on Macenko-normalised spot tiles (her2st; measured, not shipped)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     quiet()
     t0 = time.perf_counter()
     adata = ig.bench.read_sections(DATA / "her2st", HER2ST, encoder=ENCODER, cache=args.cache, context=True)
     records, summary = _evaluate(adata, "her2st B4 C2 C3 C4 (LOSO)")
+    if args.stain:
+        r, s = _evaluate_stain(adata, "her2st stain normalisation (LOSO)", args.cache)
+        records, summary = records + r, summary + s
     if args.mob:
         mob = _read_mob(args.cache)
         r, s = _evaluate(mob, "mouse olfactory bulb MOB1 MOB2 (LOSO)")
@@ -135,7 +208,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {
         "command": "OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/context_baselines.py"
-        + (" --mob" if args.mob else ""),
+        + (" --mob" if args.mob else "") + (" --stain" if args.stain else ""),
         "encoder": ENCODER,
         "spot": "112 µm tile at 224 px",
         "context": "112 µm tile averaged over 4 flips, 224 and 448 µm tiles (4 flips each), mean of the 112 µm "

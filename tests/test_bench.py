@@ -502,9 +502,8 @@ def test_default_methods_skip_context_ridge_without_context(synthetic_ctx, monke
     del a.obsm["X_he_tiny_context"]
     # the default list, cut to two cheap methods, run through `methods=None`
     full = _runner.default_methods
-    monkeypatch.setattr(
-        _runner, "default_methods", lambda task: [m for m in full(task) if m.name in ("context_ridge", "mean_expression")]
-    )
+    cheap = ("context_ridge", "mean_expression")
+    monkeypatch.setattr(_runner, "default_methods", lambda task: [m for m in full(task) if m.name in cheap])
     with pytest.warns(UserWarning, match=r"Skipping 'context_ridge'.*context_matrix"):
         df = bench.run(a, image_key="X_he_tiny", methods=None, n_genes=10)
     assert set(df["method"]) == {"mean_expression"}
@@ -534,7 +533,7 @@ def test_fixed_test_set_is_predicted_from_one_fit_on_the_other_sections(syntheti
     assert fits == [("fit", {"S1"}, ("S0", "S2"))]  # one fit, on the only other section
     sections = a.obs["section"].astype(str).to_numpy()
     preds = [e for e in Recorder.log if e[0] == "predict"]
-    assert preds == [("predict", {"S2"}, int((sections == "S2").sum())), ("predict", {"S0"}, int((sections == "S0").sum()))]
+    assert preds == [("predict", {s}, int((sections == s).sum())) for s in ("S2", "S0")]
     # scores of each test section by hand: genes, HVGs and the mean from S1 alone
     counts = a.layers["counts"].toarray()
     tr = sections == "S1"

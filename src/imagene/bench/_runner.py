@@ -40,9 +40,10 @@ def default_methods(task: str = "expression") -> list[Method]:
     -------
     New method templates: for ``'expression'`` UMPIRE, BLEEP-style, the ridge probe, the
     context ridge (run only when the context features are in ``obsm``; see
-    :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the mean-expression floors; for ``'retrieval'`` the
-    same without the mean (it has no image embedding); for ``'clustering'`` UMPIRE (joint and
-    image latents), scanpy PCA on expression and the image features alone.
+    :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the
+    mean-expression floors; for ``'retrieval'`` the same without the mean (it has no image
+    embedding); for ``'clustering'`` UMPIRE (joint and image latents), scanpy PCA on expression
+    and the image features alone.
 
     Examples
     --------

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -170,11 +171,12 @@ def context_features(
     steps = [(s, lib, rows) for s in sizes for lib, rows in chunks]
     for size, lib, rows in progress(steps, total=len(steps), desc="context tiles", show=show_progress_bar):
         # a bare AnnData of these spots: the tiles are cut into it, embedded, and dropped with it
-        obs = adata.obs.iloc[rows][[lib_key]].copy() if lib_key is not None else None
-        shell = AnnData(obs=obs, obsm={spatial_key: xy[rows]}, uns={"spatial": {lib: spatial_uns[lib]}}
-                        if lib in spatial_uns else {})
-        if obs is None:
-            shell.obs_names = adata.obs_names[rows]
+        if lib_key is not None:
+            obs = adata.obs.iloc[rows][[lib_key]].copy()
+        else:
+            obs = pd.DataFrame(index=adata.obs_names[rows])
+        uns = {"spatial": {lib: spatial_uns[lib]}} if lib in spatial_uns else {}
+        shell = AnnData(obs=obs, obsm={spatial_key: xy[rows]}, uns=uns)
         extract_tiles(
             shell, tile_size_um=size, tile_px=tile_px, library_key=lib_key, spatial_key=spatial_key, image=image,
             microns_per_pixel=microns_per_pixel, batch_size=batch_size, show_progress_bar=False,
