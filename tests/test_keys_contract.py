@@ -226,6 +226,21 @@ def test_niches_keys(syn):
     assert _added(syn, b) == {"obsp": {"nb_connectivities", "nb_distances"}, "uns": {"nb_neighbors"}}
 
 
+def test_context_keys(featured):
+    a = featured.copy()
+    before = a.copy()
+    keys = ig.pp.context_features(a, tile_sizes_um=(24, 48), tile_px=16, encoder="tiny", device="cpu",
+                                  show_progress_bar=False)
+    assert _added(before, a) == {"obsm": set(keys), "uns": set(keys)} == {
+        "obsm": {"X_he_tiny_24um", "X_he_tiny_48um"}, "uns": {"X_he_tiny_24um", "X_he_tiny_48um"}
+    }
+    ig.pp.niches(a, n_neighs=4, niche_expression=False)
+    graph = a.copy()
+    key = ig.pp.context_matrix(a, keys)
+    assert _added(graph, a) == {"obsm": {"X_he_tiny_24um_nbr", key}, "uns": {"X_he_tiny_24um_nbr", key}}
+    assert key == "X_he_tiny_context"
+
+
 def test_section_split_keys(syn):
     a = syn.copy()
     ig.pp.section_split(a, test_sections=["S1"])

@@ -493,6 +493,7 @@ def test_embed_tiles_tiny(syn):
         "input_px": 32,
         "n_features": 32,
         "tiles_key": TILES,
+        "tta": "none",
         "imagene_version": ig.__version__,
     }
     # batch composition does not change a spot's features

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from imagene.bench._baselines import (
+    ContextRidge,
     ExpressionPCA,
     ImageFeatures,
     MeanExpression,
@@ -23,6 +24,7 @@ from imagene.bench._runner import default_methods, run, summarize
 from imagene.bench._zero_shot import zero_shot
 
 __all__ = [
+    "ContextRidge",
     "ExpressionPCA",
     "FoldContext",
     "ImageFeatures",

@@ -10,6 +10,7 @@ from anndata import AnnData
 
 from imagene._utils import log_normalize
 from imagene.bench._methods import FoldContext, Method, training_log1p
+from imagene.pp._context import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
 
@@ -138,9 +139,12 @@ class RidgeProbe(_Regressor):
         Nothing.
         """
         y = self._fit_targets(train, ctx)
-        x = np.asarray(train.obsm[ctx.image_key], dtype=np.float64)
+        x = np.asarray(train.obsm[self._key(ctx)], dtype=np.float64)
         self.probe_ = _ridge_pipeline(x.shape[0], x.shape[1], n_components=self.n_components, seed=ctx.seed)
         self.probe_.fit(x, y)
+
+    def _key(self, ctx: FoldContext) -> str:
+        return ctx.image_key
 
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Ridge predictions from the image features.
@@ -154,7 +158,60 @@ class RidgeProbe(_Regressor):
         -------
         (n_test, n_genes) array.
         """
-        return self.probe_.predict(np.asarray(test.obsm[self.ctx_.image_key], dtype=np.float64))
+        return self.probe_.predict(np.asarray(test.obsm[self._key(self.ctx_)], dtype=np.float64))
+
+
+class ContextRidge(RidgeProbe):
+    """The ridge probe on context features: the same StandardScaler → PCA(256) → ridge as :class:`RidgeProbe`.
+
+    Its input is a context matrix of :func:`imagene.pp.context_matrix`, by default
+    ``obsm['<image_key>_context']``: e.g. the spot tile averaged over 4 flips, tiles of 224 and
+    448 µm around it (:func:`imagene.pp.context_features`) and the mean spot feature of its
+    nearest spots in the niche graph (:func:`imagene.pp.neighbor_features`);
+    :func:`imagene.bench.read_sections` builds it with ``context=True``. Scaler, PCA and penalty
+    are fitted per fold on the training spots only.
+
+    The context features are computed before the folds, over all sections, but without test
+    leakage: each block is a function of one spot's own image (its tiles) or of the images of its
+    neighbours in the SAME section (the niche graph never crosses sections), with a frozen encoder
+    and nothing fitted to any expression; a held-out section's context therefore depends on that
+    section's image alone, as it would for a new slide.
+
+    Parameters
+    ----------
+    context_key
+        ``obsm`` key of the context matrix; ``None``: ``'<image_key>_context'``.
+    n_components
+        PCA components.
+
+    Examples
+    --------
+    >>> adata = imagene.bench.read_sections("../shared/data/her2st", ["B4", "C2", "C3", "C4"], context=True)
+    >>> imagene.bench.run(adata, methods=[imagene.bench.RidgeProbe(), imagene.bench.ContextRidge()])
+    """
+
+    name = "context_ridge"
+
+    def __init__(self, context_key: str | None = None, n_components: int = 256) -> None:
+        super().__init__(n_components=n_components)
+        self.context_key = context_key
+
+    def input_keys(self, image_key: str) -> tuple[str, ...]:
+        """The context matrix key.
+
+        Parameters
+        ----------
+        image_key
+            The run's image feature key.
+
+        Returns
+        -------
+        ``(context_key,)``, by default ``('<image_key>_context',)``.
+        """
+        return (self.context_key or f"{image_key}{CONTEXT_SUFFIX}",)
+
+    def _key(self, ctx: FoldContext) -> str:
+        return self.input_keys(ctx.image_key)[0]
 
 
 class STNetHead(_Regressor):

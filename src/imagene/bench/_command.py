@@ -118,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from imagene._cli import LazyHelp, encoder_help
 
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help=LazyHelp(_methods_help))
+    parser.add_argument("--test-sections", nargs="+", default=None,
+                        help="a fixed test set: fit once on the other --sections, score each of these (expression "
+                        "and retrieval; default: leave each section out in turn)")
+    parser.add_argument("--context", action="store_true",
+                        help="also build the context features of context_ridge (tiles of 1, 2 and 4 x --tile-um "
+                        "averaged over 4 flips, mean of the 6 nearest spots; cached like the tile features)")
     parser.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(encoder_help))
     parser.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in microns (default: 112)")
@@ -180,16 +186,22 @@ def run_command(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         secs = tuple(args.cluster_sections if group == ("clustering",) else args.sections)
         own = {s: v for s, v in scales.items() if s in secs}
-        adata = read_sections(args.data, secs, image_scale=own, **common)
+        context = args.context and group != ("clustering",)
+        adata = read_sections(args.data, secs, image_scale=own, context=context, **common)
         timings[f"{'+'.join(group)}: read, tile, embed"] = round(time.perf_counter() - t0, 1)
         t1 = time.perf_counter()
         methods = list({m.name: m for t in group for m in default_methods(t)}.values())
         methods = _select(methods, args.methods, "+".join(group))
+        lacking = [m.name for m in methods if any(k not in adata.obsm for k in m.input_keys(f"X_he_{args.encoder}"))]
+        if lacking:
+            sys.stderr.write(f"imagene bench: skipping {lacking} (their context features are built with --context)\n")
+            methods = [m for m in methods if m.name not in lacking] or methods
         seeds = [args.seed + i for i in range(args.n_seeds)] if group == ("clustering",) else [args.seed]
         dfs = _run_tasks(
             adata, group, section_key="section", methods=methods, split=args.split, patient_key="patient",
             image_key=f"X_he_{args.encoder}", layer="counts", label_key="label", ignore_labels=("undetermined",),
             n_genes=50, min_detected=0.1, max_epochs=args.epochs, seeds=seeds, n_spot_folds=5, clustering_kwargs=None,
+            test_sections=args.test_sections if group != ("clustering",) else None,
         )
         timings[f"{'+'.join(group)}: fit and score"] = round(time.perf_counter() - t1, 1)
         timings["+".join(group)] = round(time.perf_counter() - t0, 1)
@@ -204,6 +216,8 @@ def run_command(args: argparse.Namespace) -> int:
         "sections": list(args.sections),
         "cluster_sections": list(args.cluster_sections),
         "split": args.split,
+        "test_sections": list(args.test_sections) if args.test_sections else None,
+        "context": bool(args.context),
         "encoder": args.encoder,
         "tile_px": args.tile_px,
         "tile_size_um": args.tile_um,

@@ -22,6 +22,36 @@ def _cache_path(cache: Path, section: str, encoder: str, tile_px: int, tile_size
     return cache / f"{safe}.npz"
 
 
+def _read_cache(path: Path | None, meta: dict, obs_names: pd.Index) -> dict[str, np.ndarray] | None:
+    """The arrays cached at ``path`` when they were written for the same settings and spots, else ``None``."""
+    if path is None or not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if json.loads(str(z["meta"])) == meta and list(z["obs_names"]) == list(obs_names):
+            return {k: z[k] for k in z.files if k not in ("meta", "obs_names")}
+    logger.info("Cache %s is stale (other spots, image or settings); recomputing", path)
+    return None
+
+
+def _write_cache(path: Path | None, meta: dict, obs_names: pd.Index, arrays: dict[str, np.ndarray]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, obs_names=np.asarray(obs_names, dtype=str), meta=np.asarray(json.dumps(meta)), **arrays)
+
+
+def _section_meta(section: str, image: Path | None, **settings) -> dict:
+    import imagene as ig
+
+    return {
+        "section": section,
+        **settings,
+        "image": image.name if image is not None else "",
+        "image_bytes": image.stat().st_size if image is not None else 0,
+        "imagene_version": ig.__version__,
+    }
+
+
 def _embed_section(
     adata: AnnData,
     section: str,
@@ -37,31 +67,53 @@ def _embed_section(
     import imagene as ig
 
     key = f"{KEYS.FEATURES_PREFIX}{encoder}"
-    meta = {
-        "section": section,
-        "encoder": encoder,
-        "tile_px": int(tile_px),
-        "tile_size_um": float(tile_size_um),
-        "image": image.name if image is not None else "",
-        "image_bytes": image.stat().st_size if image is not None else 0,
-        "imagene_version": ig.__version__,
-    }
+    meta = _section_meta(section, image, encoder=encoder, tile_px=int(tile_px), tile_size_um=float(tile_size_um))
     path = _cache_path(cache, section, encoder, tile_px, tile_size_um) if cache is not None else None
-    if path is not None and path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            same = json.loads(str(z["meta"])) == meta and list(z["obs_names"]) == list(adata.obs_names)
-            if same:
-                adata.obsm[key] = z["features"].astype(np.float32)
-                logger.info("Section %r: tile features read from the cache %s", section, path)
-                return
-        logger.info("Section %r: cache %s is stale (other spots, image or settings); re-embedding", section, path)
+    cached = _read_cache(path, meta, adata.obs_names)
+    if cached is not None:
+        adata.obsm[key] = cached["features"].astype(np.float32)
+        logger.info("Section %r: tile features read from the cache %s", section, path)
+        return
     ig.pp.extract_tiles(adata, tile_size_um=tile_size_um, tile_px=tile_px, show_progress_bar=show_progress_bar)
     ig.pp.embed_tiles(adata, encoder=encoder, show_progress_bar=show_progress_bar)
     del adata.obsm[KEYS.TILES]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, features=adata.obsm[key], obs_names=np.asarray(adata.obs_names, dtype=str),
-                 meta=np.asarray(json.dumps(meta)))
+    _write_cache(path, meta, adata.obs_names, {"features": adata.obsm[key]})
+
+
+def _context_section(
+    adata: AnnData,
+    section: str,
+    image: Path | None,
+    *,
+    encoder: str,
+    tile_px: int,
+    sizes_um: Sequence[float],
+    tta: str | None,
+    cache: Path | None,
+    show_progress_bar: bool,
+) -> list[str]:
+    """Write the multi-scale features of :func:`imagene.pp.context_features` for one section (cached)."""
+    import imagene as ig
+    from imagene.pp._context import scale_key
+
+    prefix = f"{KEYS.FEATURES_PREFIX}{encoder}"
+    keys = [scale_key(prefix, s) for s in sizes_um]
+    meta = _section_meta(section, image, encoder=encoder, tile_px=int(tile_px),
+                         tile_sizes_um=[float(s) for s in sizes_um], tta=tta or "none")
+    path = None
+    if cache is not None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{section}__{encoder}__{tile_px}px__context__{tta or 'none'}")
+        path = cache / f"{safe}.npz"
+    cached = _read_cache(path, meta, adata.obs_names)
+    if cached is not None:
+        for i, k in enumerate(keys):
+            adata.obsm[k] = cached[f"scale{i}"].astype(np.float32)
+        logger.info("Section %r: context features read from the cache %s", section, path)
+        return keys
+    ig.pp.context_features(adata, tile_sizes_um=sizes_um, tile_px=tile_px, encoder=encoder, tta=tta,
+                           show_progress_bar=show_progress_bar)
+    _write_cache(path, meta, adata.obs_names, {f"scale{i}": adata.obsm[k] for i, k in enumerate(keys)})
+    return keys
 
 
 def read_sections(
@@ -74,6 +126,10 @@ def read_sections(
     image_scale: Mapping[str, float] | None = None,
     cache: str | os.PathLike | None = None,
     show_progress_bar: bool = False,
+    context: bool = False,
+    context_sizes_um: Sequence[float] | None = None,
+    context_tta: str | None = "flips",
+    n_neighs: int = 6,
 ) -> AnnData:
     """Read legacy-ST sections in the her2st folder layout and embed their tiles (cached per section).
 
@@ -105,13 +161,27 @@ def read_sections(
         Folder of cached features (``None``: no cache).
     show_progress_bar
         Progress bars while tiling and embedding.
+    context
+        Also build the context features of :class:`imagene.bench.ContextRidge`: tiles of every size
+        in ``context_sizes_um`` embedded with ``context_tta`` (:func:`imagene.pp.context_features`,
+        cached per section like the spot features), the niche graph of the ``n_neighs`` nearest
+        spots of each section (:func:`imagene.pp.niches`) and the context matrix
+        (:func:`imagene.pp.context_matrix`: the scales, then the neighbour mean of the first).
+    context_sizes_um
+        Tile sides of the context; ``None``: ``tile_size_um`` times 1, 2 and 4.
+    context_tta
+        Test-time augmentation of the context tiles (``None``, ``'flips'``, ``'dihedral'``).
+    n_neighs
+        Neighbours of each spot in the niche graph of the context.
 
     Returns
     -------
     AnnData joined by :func:`imagene.io.concat` (genes measured in every section) with raw counts,
-    ``obsm['X_he_<encoder>']``, ``obs['section']``, ``obs['patient']`` (the letters of a her2st-style
-    id such as ``'C'`` for ``'C2'``, else the section id) and, when any section has labels,
-    ``obs['label']`` (NaN where a spot has none).
+    ``obsm['X_he_<encoder>']`` (with ``context``: also ``obsm['X_he_<encoder>_<size>um']`` per size,
+    ``'X_he_<encoder>_<first size>um_nbr'``, ``'X_he_<encoder>_context'`` and the niche graph in
+    ``obsp``), ``obs['section']``, ``obs['patient']`` (the letters of a her2st-style id such as
+    ``'C'`` for ``'C2'``, else the section id) and, when any section has labels, ``obs['label']``
+    (NaN where a spot has none).
 
     Examples
     --------
@@ -128,6 +198,8 @@ def read_sections(
         raise ValueError(f"image_scale names sections {sorted(unknown)} that are not read ({sections}).")
     cache_dir = Path(cache) if cache is not None else None
     files = her2st_files(sections, path=data_dir, show_progress_bar=show_progress_bar)
+    sizes = [float(tile_size_um) * f for f in (1, 2, 4)] if context_sizes_um is None else list(context_sizes_um)
+    context_keys: list[str] = []
     adatas: dict[str, AnnData] = {}
     for s in sections:
         a = read_section(files[s], s, image_scale=scales.get(s))
@@ -135,5 +207,16 @@ def read_sections(
             a, s, Path(files[s]["image"]), encoder=encoder, tile_px=tile_px, tile_size_um=tile_size_um,
             cache=cache_dir, show_progress_bar=show_progress_bar,
         )
+        if context:
+            context_keys = _context_section(
+                a, s, Path(files[s]["image"]), encoder=encoder, tile_px=tile_px, sizes_um=sizes, tta=context_tta,
+                cache=cache_dir, show_progress_bar=show_progress_bar,
+            )
         adatas[s] = a
-    return join_sections(adatas)
+    adata = join_sections(adatas)
+    if context:
+        import imagene as ig
+
+        ig.pp.niches(adata, n_neighs=n_neighs, library_key=KEYS.SECTION, niche_expression=False)
+        ig.pp.context_matrix(adata, context_keys)
+    return adata

@@ -156,6 +156,23 @@ class Method:
         """
         raise NotImplementedError(f"{type(self).__name__} does not embed spots.")
 
+    def input_keys(self, image_key: str) -> tuple[str, ...]:
+        """``obsm`` keys of per-spot features the method reads besides ``image_key``.
+
+        The runner checks them like the image features (no representation fitted over all spots)
+        and copies them into every AnnData the method receives.
+
+        Parameters
+        ----------
+        image_key
+            The run's image feature key.
+
+        Returns
+        -------
+        The keys (none by default).
+        """
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

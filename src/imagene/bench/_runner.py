@@ -39,9 +39,11 @@ def default_methods(task: str = "expression") -> list[Method]:
     Returns
     -------
     New method templates: for ``'expression'`` UMPIRE, BLEEP-style, the ridge probe, the
-    ST-Net-style head, the random-reference and the mean-expression floors; for ``'retrieval'`` the
-    same without the mean (it has no image embedding); for ``'clustering'`` UMPIRE (joint and
-    image latents), scanpy PCA on expression and the image features alone.
+    context ridge (run only when the context features are in ``obsm``; see
+    :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the
+    mean-expression floors; for ``'retrieval'`` the same without the mean (it has no image
+    embedding); for ``'clustering'`` UMPIRE (joint and image latents), scanpy PCA on expression
+    and the image features alone.
 
     Examples
     --------
@@ -49,6 +51,7 @@ def default_methods(task: str = "expression") -> list[Method]:
     ['umpire', 'expression_pca', 'image_features']
     """
     from imagene.bench._baselines import (
+        ContextRidge,
         ExpressionPCA,
         ImageFeatures,
         MeanExpression,
@@ -61,7 +64,9 @@ def default_methods(task: str = "expression") -> list[Method]:
     _check_task(task)
     if task == "clustering":
         return [ImageneModel(), ExpressionPCA(), ImageFeatures()]
-    methods: list[Method] = [ImageneModel(), bleep_style(), RidgeProbe(), STNetHead(), RandomReference()]
+    methods: list[Method] = [
+        ImageneModel(), bleep_style(), RidgeProbe(), ContextRidge(), STNetHead(), RandomReference()
+    ]
     if task == "expression":
         methods.append(MeanExpression())
     return methods
@@ -139,9 +144,32 @@ def _check_fitted_data(method: Method, test_names: pd.Index, fold: str) -> None:
                 )
 
 
+def _sources(adata: AnnData, key: str, depth: int = 4) -> list[str]:
+    """``key`` and the ``obsm`` keys it was built from (``uns[key]['sources']`` of the context functions)."""
+    out = [key]
+    info = adata.uns.get(key)
+    if depth > 0 and isinstance(info, dict) and info.get("context"):
+        for src in info.get("sources", []):
+            out += _sources(adata, str(src), depth - 1)
+    return out
+
+
+def _is_context(adata: AnnData, key: str) -> bool:
+    info = adata.uns.get(key)
+    return isinstance(info, dict) and bool(info.get("context"))
+
+
 def _check_image_key(adata: AnnData, image_key: str | None) -> str:
+    """Check (or, for ``None``, find) an ``obsm`` key of per-spot image features.
+
+    Frozen tile features ``X_he_*`` and the context features built from them
+    (:func:`imagene.pp.context_features`, :func:`imagene.pp.neighbor_features`,
+    :func:`imagene.pp.context_matrix`: per spot, or a mean over neighbours of the same section)
+    pass; representations fitted over all spots (PCA, UMAP, model latents), or context built from
+    them, do not. With ``None``, the only ``X_he_*`` key that is not a context key is taken.
+    """
     if image_key is None:
-        keys = [k for k in adata.obsm if k.startswith(KEYS.FEATURES_PREFIX)]
+        keys = [k for k in adata.obsm if k.startswith(KEYS.FEATURES_PREFIX) and not _is_context(adata, k)]
         if not keys:
             raise KeyError(
                 f"No frozen image features in adata.obsm (keys starting with {KEYS.FEATURES_PREFIX!r}). Run "
@@ -154,9 +182,11 @@ def _check_image_key(adata: AnnData, image_key: str | None) -> str:
         raise KeyError(
             f"adata.obsm[{image_key!r}] not found. Pass the obsm key of frozen tile features as `image_key=`."
         )
-    if image_key.startswith(_GLOBAL_FIT_OBSM):
+    fitted = [k for k in _sources(adata, image_key) if k.startswith(_GLOBAL_FIT_OBSM)]
+    if fitted:
+        what = repr(image_key) if fitted[0] == image_key else f"{image_key!r} (built from {fitted[0]!r})"
         raise ValueError(
-            f"image_key={image_key!r} is a representation fitted on all spots (PCA / UMAP / a model latent), test "
+            f"image_key={what} is a representation fitted on all spots (PCA / UMAP / a model latent), test "
             "sections included. Use frozen tile features (`imagene.pp.embed_tiles`, obsm 'X_he_<encoder>'): the runner "
             "fits every scaler, PCA and model per fold on the training sections only."
         )
@@ -247,6 +277,7 @@ def _subset(
     section_key: str,
     with_counts: bool = True,
     drop_obs: Sequence[str] = (),
+    extra_keys: Sequence[str] = (),
 ) -> AnnData:
     """A fresh AnnData with only what methods may use: counts on ``genes``, image features, spots, obs."""
     idx = np.flatnonzero(mask)
@@ -261,7 +292,7 @@ def _subset(
     else:
         x = sp.csr_matrix((len(idx), len(cols)), dtype=np.float32)
         layers = {}
-    obsm = {image_key: np.asarray(adata.obsm[image_key])[idx]}
+    obsm = {k: np.asarray(adata.obsm[k])[idx] for k in dict.fromkeys([image_key, *extra_keys])}
     if KEYS.SPATIAL in adata.obsm:
         obsm[KEYS.SPATIAL] = np.asarray(adata.obsm[KEYS.SPATIAL])[idx]
     out = AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes.copy()), obsm=obsm, layers=layers)
@@ -344,6 +375,7 @@ def run(
     seeds: Sequence[int] | None = None,
     n_spot_folds: int = 5,
     clustering_kwargs: dict[str, Any] | None = None,
+    test_sections: Sequence[str] | None = None,
 ) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Score methods on held-out sections: fit on the training sections only, score the held-out one.
 
@@ -409,6 +441,11 @@ def run(
     clustering_kwargs
         Graph of the leiden clustering: ``n_neighbors`` (15) and ``method`` (``'umap'``, or
         ``'gauss'``), passed to :func:`scanpy.pp.neighbors`.
+    test_sections
+        A fixed test set (expression and retrieval, ``split='section'``): each method is fitted
+        once on every section NOT listed (genes, HVG / HEG and every scaler chosen there), then
+        scores each listed section as its own fold, the way new slides are predicted from a
+        trained model. ``None`` (default) leaves every section out in turn.
 
     Returns
     -------
@@ -439,6 +476,7 @@ def run(
         seeds=seeds,
         n_spot_folds=n_spot_folds,
         clustering_kwargs=clustering_kwargs,
+        test_sections=test_sections,
     )
     return out[task] if isinstance(task, str) else out
 
@@ -461,6 +499,7 @@ def _run_tasks(
     seeds: Sequence[int] | None,
     n_spot_folds: int,
     clustering_kwargs: dict[str, Any] | None,
+    test_sections: Sequence[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """:func:`run` for several tasks on the same folds: each method is fitted once per fold and scored on
     every requested task it takes part in (expression and retrieval share their fits)."""
@@ -472,6 +511,11 @@ def _run_tasks(
     clustering = "clustering" in tasks
     if clustering and len(tasks) > 1:
         raise ValueError("The clustering task has its own folds (labelled sections); run it separately.")
+    if clustering and test_sections is not None:
+        raise ValueError(
+            "test_sections applies to the expression and retrieval tasks; the clustering task is unsupervised and "
+            "scores each labelled section on its own. Drop test_sections for clustering."
+        )
     if section_key not in adata.obs:
         raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `section_key=`.")
     if adata.obs_names.has_duplicates:
@@ -489,9 +533,20 @@ def _run_tasks(
         raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}.")
     image_key = _check_image_key(adata, image_key)
     counts = sp.csr_matrix(get_counts(adata, layer))
-    if methods is None:
+    defaults = methods is None
+    if defaults:
         methods = list({m.name: m for t in tasks for m in default_methods(t)}.values())
     methods = list(methods)
+    if defaults:  # a default method whose inputs were not built is left out, and said so
+        missing = {m.name: [k for k in m.input_keys(image_key) if k not in adata.obsm] for m in methods}
+        for name, keys in missing.items():
+            if keys:
+                warn(
+                    f"Skipping {name!r}: adata.obsm lacks {keys}. Build the context features with "
+                    "`imagene.pp.context_features`, `imagene.pp.niches` and `imagene.pp.context_matrix` (or "
+                    "`imagene.bench.read_sections(..., context=True)`) to run it."
+                )
+        methods = [m for m in methods if not missing[m.name]]
     if not methods:
         raise ValueError("No methods to run; pass a list of imagene.bench.Method or leave `methods=None`.")
     for m in methods:
@@ -502,6 +557,17 @@ def _run_tasks(
                 f"Method {m.name!r} does not take part in task {task!r} (its tasks: {list(m.tasks)}). "
                 f"Use imagene.bench.default_methods({tasks[0]!r}) or drop it."
             )
+    extra_keys: list[str] = []
+    for m in methods:
+        for k in m.input_keys(image_key):
+            if k not in adata.obsm:
+                raise KeyError(
+                    f"Method {m.name!r} reads adata.obsm[{k!r}], which is missing. Build it first (context features: "
+                    "`imagene.pp.context_features`, `imagene.pp.niches`, `imagene.pp.context_matrix`) or drop the "
+                    "method."
+                )
+            extra_keys.append(_check_image_key(adata, k))
+    extra_keys = list(dict.fromkeys(k for k in extra_keys if k != image_key))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"Method names must be unique; got {names}. Pass `name=` to tell them apart.")
@@ -511,47 +577,56 @@ def _run_tasks(
     if unknown:
         raise ValueError(f"clustering_kwargs accepts 'n_neighbors' and 'method'; got {sorted(unknown)}.")
 
+    # each fold: (name, training mask, [(scored name, test mask), ...]); every test part is scored on one fit
     if clustering:
-        folds = _clustering_folds(adata, section_key=section_key, label_key=label_key, ignore_labels=ignore_labels)
+        parts = _clustering_folds(adata, section_key=section_key, label_key=label_key, ignore_labels=ignore_labels)
+        folds = [(name, mask, [(name, mask)]) for name, mask in parts]
+    elif test_sections is not None:
+        folds = _fixed_test_folds(adata, section_key=section_key, split=split, test_sections=test_sections)
     else:
-        folds = _folds(
+        parts = _folds(
             adata, split=split, section_key=section_key, patient_key=patient_key, n_spot_folds=n_spot_folds,
             seed=seeds[0],
         )
+        folds = [(name, ~mask, [(name, mask)]) for name, mask in parts]
 
     import imagene as ig
 
     records: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     sections = adata.obs[section_key].astype(str).to_numpy()
-    for fold, test_mask in folds:
-        train_mask = test_mask.copy() if clustering else ~test_mask
+    for fold, train_mask, test_parts in folds:
+        any_test = np.logical_or.reduce([m for _, m in test_parts])
         genes = _training_genes(counts[train_mask], adata.var_names, min_detected)
         cols = adata.var_names.get_indexer(genes)
         y_train = log_normalize(counts[train_mask][:, cols])
         hvg = top_variable_genes(y_train, n_genes)
         heg = top_expressed_genes(y_train, n_genes)
         drop = [label_key] if clustering else []
-        sub = {"counts": counts, "image_key": image_key, "section_key": section_key}
+        sub = {"counts": counts, "image_key": image_key, "section_key": section_key, "extra_keys": extra_keys}
         train = _subset(adata, train_mask, genes, drop_obs=drop, **sub)
-        test_blind = _subset(adata, test_mask, genes, with_counts=False, drop_obs=[label_key], **sub)
-        test_full = _subset(adata, test_mask, genes, drop_obs=[label_key], **sub)
-        if not clustering:
-            overlap = train.obs_names.intersection(test_full.obs_names)
-            if len(overlap):  # pragma: no cover - the split above cannot produce this
-                raise RuntimeError(f"Fold {fold!r}: {len(overlap)} spots are both training and test spots.")
-        y_test = log_normalize(counts[test_mask][:, cols])
-        n_clusters, keep = None, None
-        if clustering:
-            truth = adata.obs[label_key][test_mask]
-            keep = truth.notna().to_numpy() & ~truth.astype(str).isin(list(ignore_labels)).to_numpy()
-            n_clusters = int(truth[keep].astype(str).nunique())
+        scored = []
+        for part, test_mask in test_parts:
+            test_blind = _subset(adata, test_mask, genes, with_counts=False, drop_obs=[label_key], **sub)
+            test_full = _subset(adata, test_mask, genes, drop_obs=[label_key], **sub)
+            if not clustering:
+                overlap = train.obs_names.intersection(test_full.obs_names)
+                if len(overlap):  # pragma: no cover - the split above cannot produce this
+                    raise RuntimeError(f"Fold {fold!r}: {len(overlap)} spots are both training and test spots.")
+            y_test = log_normalize(counts[test_mask][:, cols])
+            n_clusters, keep = None, None
+            if clustering:
+                truth = adata.obs[label_key][test_mask]
+                keep = truth.notna().to_numpy() & ~truth.astype(str).isin(list(ignore_labels)).to_numpy()
+                n_clusters = int(truth[keep].astype(str).nunique())
+            scored.append((part, test_mask, test_blind, test_full, y_test, keep, n_clusters))
+        test_names = adata.obs_names[any_test]
         for seed in seeds:
             fold_name = fold if len(seeds) == 1 else f"{fold}/seed{seed}"
             ctx = FoldContext(
                 task="+".join(tasks),
                 fold=fold_name,
                 train_sections=tuple(dict.fromkeys(sections[train_mask])),
-                test_sections=tuple(dict.fromkeys(sections[test_mask])),
+                test_sections=tuple(dict.fromkeys(sections[any_test])),
                 section_key=section_key,
                 image_key=image_key,
                 layer=KEYS.COUNTS,
@@ -560,7 +635,7 @@ def _run_tasks(
                 heg=heg,
                 seed=int(seed),
                 max_epochs=int(max_epochs),
-                n_clusters=n_clusters,
+                n_clusters=scored[0][-1],
             )
             for template in methods:
                 method = copy.deepcopy(template)
@@ -569,24 +644,49 @@ def _run_tasks(
                 method.fit(train.copy(), ctx=ctx)
                 fit_s = time.perf_counter() - t0
                 if not clustering:
-                    _check_fitted_data(method, test_full.obs_names, fold)
-                for task in tasks:
-                    if task not in method.tasks:
-                        continue
-                    t1 = time.perf_counter()
-                    rows = _score(
-                        method, task, ctx, test_blind, test_full, y_test, adata, test_mask, label_key, keep,
-                        clustering_kwargs,
-                    )
-                    seconds = fit_s + time.perf_counter() - t1
-                    out = records[task]
-                    for name, metric, value in rows:
-                        out.append({"method": name, "fold": fold_name, "metric": metric, "value": float(value)})
-                    for name in dict.fromkeys(r[0] for r in rows):  # one row per result name (clustering modalities)
-                        out.append({"method": name, "fold": fold_name, "metric": "seconds", "value": seconds})
+                    _check_fitted_data(method, test_names, fold)
+                for part, test_mask, test_blind, test_full, y_test, keep, _ in scored:
+                    part_name = part if len(seeds) == 1 else f"{part}/seed{seed}"
+                    for task in tasks:
+                        if task not in method.tasks:
+                            continue
+                        t1 = time.perf_counter()
+                        rows = _score(
+                            method, task, ctx, test_blind, test_full, y_test, adata, test_mask, label_key, keep,
+                            clustering_kwargs,
+                        )
+                        seconds = fit_s + time.perf_counter() - t1
+                        out = records[task]
+                        for name, metric, value in rows:
+                            out.append({"method": name, "fold": part_name, "metric": metric, "value": float(value)})
+                        for name in dict.fromkeys(r[0] for r in rows):  # one row per result name (modalities)
+                            out.append({"method": name, "fold": part_name, "metric": "seconds", "value": seconds})
                 logger.info("bench %s | fold %s | %s: %.1f s", ctx.task, fold_name, method.name,
                             time.perf_counter() - t0)
     return {t: pd.DataFrame.from_records(r, columns=["method", "fold", "metric", "value"]) for t, r in records.items()}
+
+
+def _fixed_test_folds(
+    adata: AnnData, *, section_key: str, split: str, test_sections: Sequence[str]
+) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
+    """One fit on every section not in ``test_sections``, scored on each test section in turn."""
+    if split != "section":
+        raise ValueError(
+            f"test_sections fixes the held-out sections, so it replaces split={split!r}; pass split='section' "
+            "(the default) with test_sections, or drop test_sections to leave one patient out."
+        )
+    tests = [test_sections] if isinstance(test_sections, str) else [str(s) for s in test_sections]
+    sections = adata.obs[section_key].astype(str).to_numpy()
+    names = list(pd.Categorical(sections).categories)
+    unknown = [s for s in tests if s not in names]
+    if not tests or unknown or len(set(tests)) != len(tests):
+        raise ValueError(
+            f"test_sections must name distinct sections of adata.obs[{section_key!r}] ({names}); got {tests}."
+        )
+    train = ~np.isin(sections, tests)
+    if not train.any():
+        raise ValueError(f"test_sections {tests} leaves no training section; keep at least one section out of it.")
+    return [("test " + "+".join(tests), train, [(s, sections == s) for s in tests])]
 
 
 def _clustering_folds(

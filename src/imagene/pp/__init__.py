@@ -1,5 +1,6 @@
 """Preprocessing: tiles, frozen image features, niche graphs, section splits."""
 
+from imagene.pp._context import context_features, context_matrix, neighbor_features
 from imagene.pp._features import embed_tiles
 from imagene.pp._grid import spot_grid, tissue_mask
 from imagene.pp._niches import niches
@@ -10,10 +11,13 @@ from imagene.pp._tile_graphs import embed_tile_crops, tile_graphs
 from imagene.pp._tiles import extract_tiles
 
 __all__ = [
+    "context_features",
+    "context_matrix",
     "embed_tile_crops",
     "embed_tiles",
     "extract_tiles",
     "log_normalize",
+    "neighbor_features",
     "niches",
     "nuclei_maps",
     "nuclei_mask",

@@ -38,9 +38,15 @@ def encode_tiles(
     device: str = "cpu",
     input_px: int | None = None,
     show_progress_bar: bool = False,
+    tta: str | None = None,
 ) -> np.ndarray:
-    """Run ``encoder`` over uint8 (n, H, W, 3) tiles (numpy or dask) in batches; float32 (n, d) on CPU."""
+    """Run ``encoder`` over uint8 (n, H, W, 3) tiles (numpy or dask) in batches; float32 (n, d) on CPU.
+
+    ``tta`` averages the features over flipped / rotated copies of each tile (see :data:`TTA`).
+    """
     import torch
+
+    views = _tta_views(tta)
 
     n = tiles.shape[0]
     # preallocated output: keeping one small tensor per batch fragments the heap and made peak
@@ -52,8 +58,34 @@ def encode_tiles(
             batch = np.asarray(tiles[start : start + batch_size])
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, non_blocking=True)
             x = encoder.prepare(x, input_px)
-            out[start : start + len(batch)] = encoder(x).float().cpu().numpy()
+            feats = sum(encoder(view(x)).float() for view in views) / len(views)
+            out[start : start + len(batch)] = feats.cpu().numpy()
     return out
+
+
+#: test-time augmentations of :func:`embed_tiles`: the views whose features are averaged
+TTA = {
+    None: ("identity",),
+    "flips": ("identity", "hflip", "vflip", "hvflip"),
+    "dihedral": ("identity", "hflip", "vflip", "hvflip", "transpose", "rot90", "rot270", "antitranspose"),
+}
+
+
+def _tta_views(tta: str | None) -> list:
+    """Functions of a (B, 3, H, W) tensor for each view of ``tta`` (the dihedral group of the square)."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {list(TTA)}; got {tta!r}.")
+    ops = {
+        "identity": lambda x: x,
+        "hflip": lambda x: x.flip(-1),
+        "vflip": lambda x: x.flip(-2),
+        "hvflip": lambda x: x.flip(-1, -2),
+        "transpose": lambda x: x.transpose(-1, -2),
+        "rot90": lambda x: x.rot90(1, (-2, -1)),
+        "rot270": lambda x: x.rot90(-1, (-2, -1)),
+        "antitranspose": lambda x: x.flip(-1, -2).transpose(-1, -2),
+    }
+    return [ops[name] for name in TTA[tta]]
 
 
 def embed_tiles(
@@ -68,6 +100,7 @@ def embed_tiles(
     input_px: int | None = None,
     key_added: str | None = None,
     show_progress_bar: bool = True,
+    tta: str | None = None,
 ) -> None:
     """Embed each spot's tile with a frozen image encoder and store the features in ``obsm``.
 
@@ -102,6 +135,11 @@ def embed_tiles(
         ``obsm`` key; defaults to ``'X_he_<encoder>'``.
     show_progress_bar
         Show a progress bar.
+    tta
+        Test-time augmentation: ``None`` (the tile as it is), ``'flips'`` (features averaged over the
+        tile, its horizontal, vertical and double flip: 4 forward passes) or ``'dihedral'`` (the 8
+        flips and 90° rotations of the square). Tissue has no orientation, so the average is a
+        feature of the tile that does not depend on how the slide was scanned.
 
     Returns
     -------
@@ -110,8 +148,8 @@ def embed_tiles(
     - ``obsm[key_added]`` — (n_obs, n_features) float32 frozen features.
     - ``uns[key_added]`` — provenance: ``encoder``, ``weights`` (the absolute path of the
       checkpoint, ``'hf-hub:<id>'`` of timm's default weights, ``'random'``, ...),
-      ``model_kwargs`` (JSON text), ``input_px``, ``n_features``, ``tiles_key``,
-      ``imagene_version``.
+      ``model_kwargs`` (JSON text), ``input_px``, ``n_features``, ``tiles_key``, ``tta``
+      (``'none'``, ``'flips'`` or ``'dihedral'``), ``imagene_version``.
 
     Examples
     --------
@@ -145,12 +183,13 @@ def embed_tiles(
             f"`model_kwargs` {sorted(kwargs)} only apply to an encoder given by name; {type(encoder).__name__} is "
             "already built. Build it with those settings, or pass its name (e.g. encoder='vit_large_patch16_224')."
         )
+    _tta_views(tta)  # validate before loading the encoder
     dev = resolve_device(device)
     enc = get_image_encoder(encoder, weights=weights, **kwargs).to(dev).eval()
     px = input_px or enc.input_px
     logger.info("Embedding %s tiles with %r at %d px on %s", f"{tiles.shape[0]:,}", enc.name, px, dev)
     feats = encode_tiles(
-        tiles, enc, batch_size=batch_size, device=dev, input_px=px, show_progress_bar=show_progress_bar
+        tiles, enc, batch_size=batch_size, device=dev, input_px=px, show_progress_bar=show_progress_bar, tta=tta
     )
     key = key_added or f"{KEYS.FEATURES_PREFIX}{enc.name}"
     save_key(adata, "obsm", key, feats.astype(np.float32, copy=False))
@@ -165,6 +204,7 @@ def embed_tiles(
             "input_px": int(px),
             "n_features": int(feats.shape[1]),
             "tiles_key": tiles_key,
+            "tta": tta or "none",
             "imagene_version": imagene.__version__,
         },
     )
