@@ -264,11 +264,10 @@ def _xenium_like(data_dir, n_cells=500, crop=1024, seed=0):
     Gene programs follow the local H&E (haematoxylin density and eosin) around each cell, so image
     and expression share signal as in real tissue.
     """
+    import anndata as ad
     from PIL import Image
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
-
-    import anndata as ad
 
     Image.MAX_IMAGE_PIXELS = None
     img = np.asarray(Image.open(data_dir / "her2st" / "C3" / "5714_HE_BT_D1.jpg").convert("RGB"))

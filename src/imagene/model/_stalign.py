@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal

@@ -3,6 +3,7 @@
 Nothing here imports anndata.
 """
 
+from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._gene_transformer import (
     GeneVocabulary,
     RankTokenizer,
@@ -14,7 +15,6 @@ from imagene.nn._gene_transformer import (
     register_gene_encoder,
 )
 from imagene.nn._graph import GumbelEdgeSampler, MultiScaleGraphEncoder, gumbel_sigmoid
-from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._image import ImageEncoder
 from imagene.nn._losses import LogitScale, info_nce
 from imagene.nn._mlp import MLP, GeneMLPEncoder

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from imagene._constants import KEYS
-from imagene._constants import SPOT_PITCH_UM
+from imagene._constants import KEYS, SPOT_PITCH_UM
 from imagene._utils import check_adata, progress, save_key, warn
 from imagene._validate import (
     check_positive_float,
