@@ -277,7 +277,12 @@ def feature_provenance(adata: AnnData, key: str) -> dict | None:
     if not isinstance(rec, dict) or "encoder" not in rec:
         return None
     keys = ("encoder", "weights", "input_px")
-    return {k: (str(rec[k]) if k != "input_px" else int(rec[k])) for k in keys if k in rec}
+    out = {k: (str(rec[k]) if k != "input_px" else int(rec[k])) for k in keys if k in rec}
+    if "/" in out.get("weights", "") or "\\" in out.get("weights", ""):
+        # a checkpoint file: the same weights live at another path on another machine (a model trained here and
+        # applied there), so the file name is what is compared
+        out["weights"] = os.path.basename(out["weights"].replace("\\", "/"))
+    return out
 
 
 def check_feature_provenance(expected: dict | None, adata: AnnData, key: str) -> None:

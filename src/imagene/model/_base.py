@@ -248,7 +248,10 @@ class AlignmentMixin:
             )
         arr = adata.obsm[key]
         if adata is not self.adata:
-            check_feature_provenance(feature_provenance(self.adata, key), adata, key)
+            expected_features = getattr(self, "feature_provenance_", None)
+            if expected_features is None and self.adata is not None:
+                expected_features = feature_provenance(self.adata, key)
+            check_feature_provenance(expected_features, adata, key)
         expected = self.summary_stats[f"n_{REGISTRY_KEYS.IMAGE_KEY}"]
         if arr.shape[1] != expected:
             raise ValueError(
@@ -583,10 +586,13 @@ def make_module(model: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
     """Build ``model._module_cls(*args, **kwargs)`` and record what inference needs without the training data.
 
     Saved with the model: the module's arguments (``load`` rebuilds it from them) and the tile
-    settings of the image features (``tile_settings_``, used to embed a new slide the same way).
+    settings of the image features (``tile_settings_``, used to embed a new slide the same way) and
+    their provenance (``feature_provenance_``: a query embedded otherwise is refused).
     """
     model.module_args_ = {"args": list(args), "kwargs": dict(kwargs)}
     model.tile_settings_ = tile_settings(model.adata, model._setup_args.get("image_key"))
+    image_key = model._setup_args.get("image_key")
+    model.feature_provenance_ = feature_provenance(model.adata, image_key) if image_key else None
     return model._module_cls(*args, **kwargs)
 
 
