@@ -191,7 +191,8 @@ image = next(p for p in f.iterdir() if p.suffix.lower() == ".jpg")
 query = ig.io.read_legacy_st(f / "C4.tsv.gz", f / "C4_selection.tsv", image, library_id="C4")
 res = ig.tl.predict_expression(model, query)                   # other genes: a new AnnData
 np.save(out + "_pred.npy", res.layers["imagene_predicted"])
-json.dump({"genes": list(res.var_names), "query_genes": int(query.n_vars), "obs": list(res.obs_names)}, open(out + ".json", "w"))
+meta = {"genes": list(res.var_names), "query_genes": int(query.n_vars), "obs": list(res.obs_names)}
+json.dump(meta, open(out + ".json", "w"))
 """
 
 

@@ -19,7 +19,7 @@ def _tissue_image(h=900, w=1200, seed=0) -> np.ndarray:
     img = np.full((h, w, 3), 245, np.uint8)
     yy, xx = np.mgrid[:h, :w]
     inside = ((yy - h / 2) / (0.35 * h)) ** 2 + ((xx - w / 2) / (0.3 * w)) ** 2 < 1
-    tissue = np.stack([rng.integers(150, 210, (h, w)), rng.integers(60, 120, (h, w)), rng.integers(140, 200, (h, w))], -1)
+    tissue = np.stack([rng.integers(lo, hi, (h, w)) for lo, hi in ((150, 210), (60, 120), (140, 200))], -1)
     img[inside] = tissue[inside].astype(np.uint8)
     return img, inside
 
@@ -89,7 +89,8 @@ def test_tissue_mask_and_spot_grid_layouts(tmp_path):
         np.testing.assert_allclose(np.median(d[:, 1:], axis=0), 40 / 2.0, rtol=0.02)  # pitch in px
         on = inside[np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int)]
         assert on.mean() > 0.97 and grid.obs["imagene_in_tissue"].all()
-        assert grid.n_vars == 0 and grid.uns["spatial"][grid.obs["section"][0]]["scalefactors"]["microns_per_pixel"] == 2.0
+        lib = grid.obs["section"].iloc[0]
+        assert grid.n_vars == 0 and grid.uns["spatial"][lib]["scalefactors"]["microns_per_pixel"] == 2.0
     every = ig.pp.spot_grid(slide, pitch_um=40, only_tissue=False)
     assert every.n_obs > grid.n_obs and not every.obs["imagene_in_tissue"].all()
     # the grid carries the slide by path: tiles are cut from the file, region by region
@@ -115,7 +116,8 @@ def _spatialdata_io_like(data_dir, factor=0.5):
     tab = tab[tab["selected"] == 1]
     xy = tab[["pixel_x", "pixel_y"]].to_numpy(float)
     image = Image2DModel.parse(
-        hires.transpose(2, 0, 1), dims=("c", "y", "x"), transformations={"global": Scale([1 / factor] * 2, axes=("y", "x"))}
+        hires.transpose(2, 0, 1), dims=("c", "y", "x"),
+        transformations={"global": Scale([1 / factor] * 2, axes=("y", "x"))},
     )
     shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), 8.0), index=pd.Index(np.arange(len(xy))),
                                transformations={"global": Identity()})

@@ -139,3 +139,17 @@ def test_umpire_gene_encoder_tutorial_pretrains_and_compares_variants(tmp_path, 
         assert 0.0 <= scores["balanced_accuracy"] <= 1.0 and 0.0 <= scores["f1_weighted"] <= 1.0
     # frozen ImageNet features separate A1's regions well above chance (1 / n_regions)
     assert result["probe"]["frozen"]["balanced_accuracy"] > 0.35, result
+
+
+@pytest.mark.slow
+def test_predict_new_slide_tutorial(tmp_path, monkeypatch):
+    nb = _execute(TUTORIALS / "06_predict_new_slide.ipynb", tmp_path, monkeypatch)
+    result = _last_json_line(nb)
+    assert result["fast"] is True
+    assert (tmp_path / "C4_predicted.zarr").is_dir() and (tmp_path / "umpire_her2st" / "model.pt").exists()
+    assert result["n_grid_spots"] > 50 and result["n_genes"] > 10_000
+    assert 0 < result["model_mb"] < 40  # towers + reference bank of every gene; the training AnnData is ~100 MB
+    # the real spots of C4 lie on the detected tissue; the spread covers the measured values better than chance
+    assert result["in_tissue"] > 0.9, result
+    assert 0 < result["within_1sd"] < result["within_2sd"] <= 1, result
+    assert result["within_2sd"] > 0.5 and result["spearman_sd_error"] > 0.1, result

@@ -64,7 +64,8 @@ class Slide:
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
         ys, xs, cs = key
-        if not (isinstance(ys, slice) and isinstance(xs, slice)) or ys.step not in (None, 1) or xs.step not in (None, 1):
+        steps_ok = isinstance(ys, slice) and isinstance(xs, slice) and ys.step in (None, 1) and xs.step in (None, 1)
+        if not steps_ok:
             raise IndexError("A Slide is read by rectangular regions: index it with slices without step.")
         h, w = self.shape[:2]
         y0, y1, _ = ys.indices(h)
@@ -168,7 +169,8 @@ class Slide:
                 if f > 1:
                     ph, pw = -(-bh // f) * f - bh, -(-bw // f) * f - bw
                     reg = np.pad(reg, ((0, ph), (0, pw), (0, 0)), mode="edge")
-                    reg = reg.reshape(reg.shape[0] // f, f, reg.shape[1] // f, f, 3).mean((1, 3)).round().astype(np.uint8)
+                    reg = reg.reshape(reg.shape[0] // f, f, reg.shape[1] // f, f, 3).mean((1, 3))
+                    reg = reg.round().astype(np.uint8)
                 out[by // f : by // f + reg.shape[0], bx // f : bx // f + reg.shape[1]] = reg
         small, s = downscale(out, max_px)
         return small, float(s * out.shape[1] / w0)
@@ -177,7 +179,8 @@ class Slide:
         """Level 0 as a lazy ``(H, W, 3)`` dask array whose chunks are read on demand."""
         import dask.array as da
 
-        return da.from_array(self, chunks=(chunk_px, chunk_px, 3), asarray=False, fancy=False, name=f"slide-{self.path}")
+        chunks = (chunk_px, chunk_px, 3)
+        return da.from_array(self, chunks=chunks, asarray=False, fancy=False, name=f"slide-{self.path}")
 
     def close(self) -> None:
         """Release the file handle."""

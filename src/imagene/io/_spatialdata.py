@@ -507,7 +507,8 @@ def predictions_to_spatialdata(
         table.obs[REGION_KEY].astype(str).map(rename), categories=[rename[r] for r in new.shapes]
     )
     sdata.tables[table_key] = TableModel.parse(
-        table, region=[rename[r] for r in new.shapes], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
+        table, region=[rename[r] for r in new.shapes], region_key=attrs["region_key"],
+        instance_key=attrs["instance_key"],
     )
     logger.info("Added table %r and shapes %s to the SpatialData", table_key, sorted(rename.values()))
     return sdata

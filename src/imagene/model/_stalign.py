@@ -651,6 +651,8 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 adata, indices, k=k, weighting=weighting, gene_list=gene_list, batch_size=batch_size,
                 return_numpy=return_numpy, return_sd=return_sd,
             )
+        if method != "probe":
+            raise ValueError(f"method must be 'reference' or 'probe'; got {method!r}.")
         adata = self._query(adata)
         cols = self._gene_columns(gene_list)
         pred, sd = self._predict_probe(adata, indices, cols, batch_size, with_sd=return_sd)

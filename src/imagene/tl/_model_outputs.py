@@ -80,7 +80,8 @@ def ensure_image_features(model: Any, adata: AnnData, *, show_progress_bar: bool
         light, tile_size_um=conf["tile_size_um"], tile_px=int(conf["tile_px"]), show_progress_bar=show_progress_bar
     )
     ig.pp.embed_tiles(
-        light, encoder=conf["encoder"], input_px=conf.get("input_px"), key_added=key, show_progress_bar=show_progress_bar
+        light, encoder=conf["encoder"], input_px=conf.get("input_px"), key_added=key,
+        show_progress_bar=show_progress_bar,
     )
     save_key(adata, "obsm", key, light.obsm[key])
     save_key(adata, "uns", key, light.uns[key])
@@ -187,5 +188,7 @@ def predict_expression(
             ood = np.asarray(similarity) < float(threshold)
             save_key(target, "obs", KEYS.OOD, ood)
             if ood.any():
-                logger.info("%d of %d spots are unlike every training spot (obs[%r])", int(ood.sum()), len(ood), KEYS.OOD)
+                logger.info(
+                    "%d of %d spots are unlike every training spot (obs[%r])", int(ood.sum()), len(ood), KEYS.OOD
+                )
     return None if target is adata else target
