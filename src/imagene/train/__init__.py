@@ -6,6 +6,7 @@ from imagene.train._checkpoint import (
     LastCheckpoint,
     check_optimised,
     checkpoint_settings,
+    rank_shard,
     trainable_snapshot,
 )
 from imagene.train._plan import ContrastiveTrainingPlan
@@ -17,5 +18,6 @@ __all__ = [
     "RestoreBestWeights",
     "check_optimised",
     "checkpoint_settings",
+    "rank_shard",
     "trainable_snapshot",
 ]
