@@ -75,7 +75,7 @@ def _other(name, data):
     return ig.model.AlignST(a, n_hidden=16, n_layers=1), {"seen_genes": list(a.var_names[2:])}
 
 
-@pytest.mark.parametrize("name", ["STAlign", "SIGMMA", "AlignST"])
+@pytest.mark.parametrize("name", ["STAlign", "SIGMMA"])
 def test_other_models_train_under_ddp_spawn(name, data):
     m, kw = _other(name, data)
     before = {k: v.detach().clone() for k, v in m.module.state_dict().items()}
@@ -84,3 +84,10 @@ def test_other_models_train_under_ddp_spawn(name, data):
     changed = [k for k, v in m.module.state_dict().items() if not np.array_equal(before[k].numpy(), v.numpy())]
     assert changed  # the weights trained in the worker processes came back
     assert np.isfinite(m.get_latent_representation()).all()
+
+
+def test_alignst_refuses_ddp_with_the_fix(data):
+    m, kw = _other("AlignST", data)
+    with pytest.raises(NotImplementedError, match="devices=1"):
+        m.train(max_epochs=1, **kw, **DDP)
+    assert not m.is_trained_

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -19,7 +20,7 @@ from scvi.model.base import BaseModelClass
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
 from imagene._utils import get_counts, log_normalize, warn
-from imagene._validate import check_int, check_max_epochs
+from imagene._validate import check_int, check_max_epochs, ddp_world_size
 from imagene.model._base import AlignmentMixin, make_module, mc_dropout_sd, resolve_query
 from imagene.module._alignst import AlignSTModule, mse_pcc_loss
 
@@ -58,60 +59,75 @@ def patch_graph(coords: np.ndarray, features: np.ndarray, *, n_spatial: int = 6,
     return edge_index.numpy()
 
 
-class _SectionPlan:
-    """Lightning wrapper (built lazily so that ``lightning`` is imported only when training)."""
+class _SectionPlanModule(L.LightningModule):
+    """Lightning wrapper of an AlignST module (module level: picklable for ``ddp_spawn``)."""
 
+    def __init__(
+        self, module: AlignSTModule, lr: float, weight_decay: float, n_genes_per_step: int | None, seed: int
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.lr, self.weight_decay, self.n_genes_per_step = lr, weight_decay, n_genes_per_step
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch_losses: list[float] = []
+        self.epoch_pcc: list[float] = []
+        self.epoch_val_pcc: list[float] = []
+        self._buf: list[tuple[float, float]] = []
+        self._val_buf: list[float] = []
+        self.train_batches: list[dict] = []
+
+    def train_dataloader(self):
+        """One whole section per step; under DDP each rank trains on its share of the sections."""
+        from imagene.train import rank_shard
+
+        shard = [_as_tensors(self.train_batches[i]) for i in rank_shard(len(self.train_batches), self.trainer, seed=0)]
+        return torch.utils.data.DataLoader(shard, batch_size=None, shuffle=True, num_workers=0)
+
+    def training_step(self, batch, batch_idx):  # noqa: ARG002
+        tokens, mask, y = batch["tokens"], batch["mask"], batch["y"]
+        n_genes_per_step = self.n_genes_per_step
+        if n_genes_per_step is not None and tokens.shape[0] > n_genes_per_step:
+            sel = torch.randperm(tokens.shape[0], generator=self.gen)[:n_genes_per_step].to(tokens.device)
+            tokens, mask, y = tokens[sel], mask[sel], y[:, sel]
+        out = self.module(batch["features"], batch.get("nuclei"), batch["edge_index"], tokens, mask)
+        loss, pcc = mse_pcc_loss(out["pred"], y)
+        self._buf.append((float(loss.detach()), float(pcc)))
+        self.log("train_loss", loss, batch_size=y.shape[0], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # noqa: ARG002
+        # all seen genes, no sampling: a fixed target for early stopping
+        out = self.module(batch["features"], batch.get("nuclei"), batch["edge_index"], batch["tokens"],
+                          batch["mask"])
+        loss, pcc = mse_pcc_loss(out["pred"], batch["y"])
+        n = batch["y"].shape[0]
+        self.log("validation_loss", loss, batch_size=n, on_epoch=True)
+        self.log("pcc_validation", pcc, batch_size=n, on_epoch=True, prog_bar=True)
+        self._val_buf.append(float(pcc))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_buf and not self.trainer.sanity_checking:
+            self.epoch_val_pcc.append(float(np.mean(self._val_buf)))
+        self._val_buf = []
+
+    def on_train_epoch_end(self) -> None:
+        if self._buf:
+            self.epoch_losses.append(float(np.mean([b[0] for b in self._buf])))
+            self.epoch_pcc.append(float(np.mean([b[1] for b in self._buf])))
+        self._buf = []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _as_tensors(batch: dict) -> dict:
+    return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class _SectionPlan:
     @staticmethod
     def build(module: AlignSTModule, lr: float, weight_decay: float, n_genes_per_step: int | None, seed: int):
-        import lightning as L
-
-        class Plan(L.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.module = module
-                self.gen = torch.Generator().manual_seed(seed)
-                self.epoch_losses: list[float] = []
-                self.epoch_pcc: list[float] = []
-                self.epoch_val_pcc: list[float] = []
-                self._buf: list[tuple[float, float]] = []
-                self._val_buf: list[float] = []
-
-            def training_step(self, batch, batch_idx):  # noqa: ARG002
-                tokens, mask, y = batch["tokens"], batch["mask"], batch["y"]
-                if n_genes_per_step is not None and tokens.shape[0] > n_genes_per_step:
-                    sel = torch.randperm(tokens.shape[0], generator=self.gen)[:n_genes_per_step].to(tokens.device)
-                    tokens, mask, y = tokens[sel], mask[sel], y[:, sel]
-                out = self.module(batch["features"], batch.get("nuclei"), batch["edge_index"], tokens, mask)
-                loss, pcc = mse_pcc_loss(out["pred"], y)
-                self._buf.append((float(loss.detach()), float(pcc)))
-                self.log("train_loss", loss, batch_size=y.shape[0], prog_bar=True)
-                return loss
-
-            def validation_step(self, batch, batch_idx):  # noqa: ARG002
-                # all seen genes, no sampling: a fixed target for early stopping
-                out = self.module(batch["features"], batch.get("nuclei"), batch["edge_index"], batch["tokens"],
-                                  batch["mask"])
-                loss, pcc = mse_pcc_loss(out["pred"], batch["y"])
-                n = batch["y"].shape[0]
-                self.log("validation_loss", loss, batch_size=n, on_epoch=True)
-                self.log("pcc_validation", pcc, batch_size=n, on_epoch=True, prog_bar=True)
-                self._val_buf.append(float(pcc))
-
-            def on_validation_epoch_end(self) -> None:
-                if self._val_buf and not self.trainer.sanity_checking:
-                    self.epoch_val_pcc.append(float(np.mean(self._val_buf)))
-                self._val_buf = []
-
-            def on_train_epoch_end(self) -> None:
-                if self._buf:
-                    self.epoch_losses.append(float(np.mean([b[0] for b in self._buf])))
-                    self.epoch_pcc.append(float(np.mean([b[1] for b in self._buf])))
-                self._buf = []
-
-            def configure_optimizers(self):
-                return torch.optim.AdamW(self.module.parameters(), lr=lr, weight_decay=weight_decay)
-
-        return Plan()
+        return _SectionPlanModule(module, lr, weight_decay, n_genes_per_step, seed)
 
 
 class AlignST(BaseModelClass):
@@ -510,7 +526,14 @@ class AlignST(BaseModelClass):
             (val_batches if name in held else batches).append(b)
         torch.manual_seed(seed)
         plan = _SectionPlan.build(self.module, lr, weight_decay, n_genes_per_step, seed)
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=True, num_workers=0)
+        # served by plan.train_dataloader (sharded by rank under DDP); numpy, as ddp_spawn cannot share
+        # every tensor with its processes
+        plan.train_batches = [{k: v.numpy() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        if ddp_world_size(trainer_kwargs.get("strategy"), devices, trainer_kwargs.get("num_nodes", 1)) > 1:
+            raise NotImplementedError(
+                "AlignST does not train under DDP yet (one whole section per step; the multi-process run stalls). "
+                "Train it on one device: `devices=1` without `strategy=`."
+            )
         val_loader = None
         if val_batches:
             val_loader = torch.utils.data.DataLoader(val_batches, batch_size=None, shuffle=False, num_workers=0)
@@ -532,10 +555,11 @@ class AlignST(BaseModelClass):
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
         trainer_kwargs.setdefault("num_sanity_val_steps", 0)
         trainer_kwargs, ckpt_path = checkpoint_settings(trainer_kwargs, checkpoint_dir, resume, what="AlignST training")
+        trainer_kwargs.setdefault("use_distributed_sampler", False)
         trainer = L.Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, **trainer_kwargs)
         self.module.train()
         before = trainable_snapshot(self.module)
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+        trainer.fit(plan, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         self.module.eval()
         self.module.cpu()
         if ckpt_path is None:

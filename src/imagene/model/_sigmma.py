@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from anndata import AnnData
@@ -153,30 +154,35 @@ class _TileBatchSampler(torch.utils.data.Sampler):
         return n_batches - 1 if n_batches > 1 and last < self.batch_size // 2 else n_batches
 
 
+class _TileGraphDataModule(pl.LightningDataModule):
+    """Batches of whole tiles (nodes, edges, crop features) for SIGMMA (module level: picklable for ``ddp_spawn``)."""
+
+    def __init__(self, data: _TileData, train_tiles, val_tiles, batch_size: int, train_idx, val_idx) -> None:
+        super().__init__()
+        self.data, self.train_tiles, self.val_tiles, self.batch_size = data, train_tiles, val_tiles, batch_size
+        self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
+
+    def _loader(self, tiles, shuffle):
+        from imagene.train import rank_shard
+
+        # under DDP each rank takes its share of the tiles (Lightning cannot shard a batch sampler)
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        tiles = np.asarray(tiles)[rank_shard(len(tiles), trainer, equal=shuffle, seed=0 if shuffle else None,
+                                             epoch=epoch)]
+        ds = _TileBatches(self.data, tiles)
+        sampler = _TileBatchSampler(len(ds), self.batch_size, shuffle)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self.data.collate, num_workers=0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_tiles, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_tiles, False) if len(self.val_tiles) else []
+
+
 def _tile_datamodule(data: _TileData, train_tiles, val_tiles, batch_size: int, train_idx, val_idx):
-    import lightning.pytorch as pl
-
-    class TileGraphDataModule(pl.LightningDataModule):
-        """Batches of whole tiles (nodes, edges, crop features) for SIGMMA."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
-
-        def _loader(self, tiles, shuffle):
-            ds = _TileBatches(data, tiles)
-            sampler = _TileBatchSampler(len(ds), batch_size, shuffle)
-            return torch.utils.data.DataLoader(
-                ds, batch_sampler=sampler, collate_fn=lambda ts: data.collate(ts), num_workers=0
-            )
-
-        def train_dataloader(self):
-            return self._loader(train_tiles, True)
-
-        def val_dataloader(self):
-            return self._loader(val_tiles, False) if len(val_tiles) else []
-
-    return TileGraphDataModule()
+    return _TileGraphDataModule(data, train_tiles, val_tiles, batch_size, train_idx, val_idx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,6 +480,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         if not has_val:
             trainer_kwargs.pop("check_val_every_n_epoch")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        trainer_kwargs.setdefault("use_distributed_sampler", False)  # the data module shards tiles by rank
         trainer_kwargs, ckpt_path = checkpoint_settings(trainer_kwargs, checkpoint_dir, resume, what="SIGMMA training")
         if ckpt_path is not None:
             trainer_kwargs["ckpt_path"] = ckpt_path

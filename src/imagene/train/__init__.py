@@ -6,6 +6,7 @@ from imagene.train._checkpoint import (
     LastCheckpoint,
     check_optimised,
     checkpoint_settings,
+    rank_shard,
     trainable_snapshot,
 )
 from imagene.train._plan import ContrastiveTrainingPlan
@@ -18,6 +19,7 @@ __all__ = [
     "check_optimised",
     "checkpoint_settings",
     "monitor_summary",
+    "rank_shard",
     "trainable_snapshot",
 ]
 

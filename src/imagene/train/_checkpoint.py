@@ -129,3 +129,23 @@ def check_optimised(module: torch.nn.Module, before: list[torch.Tensor], *, name
             "is dropped), or, with several devices, fewer spots per device than one batch. Lower `batch_size`, "
             "train on more spots, or use fewer devices."
         )
+
+
+def rank_shard(n: int, trainer: Any, *, equal: bool = True, seed: int | None = None, epoch: int = 0) -> list[int]:
+    """Positions ``0..n-1`` this process trains on under DDP (all of them with one process).
+
+    For loaders Lightning cannot shard itself (custom batch samplers, one whole section per batch):
+    positions are shuffled with ``seed`` and ``epoch`` (the same order on every rank), then dealt
+    round-robin; ``equal`` trims the shards to one length, as DDP needs the same number of steps
+    on every rank.
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if world <= 1:
+        return list(range(n))
+    rank = int(trainer.global_rank)
+    order = list(range(n))
+    if seed is not None:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + int(epoch))).tolist()
+    per = n // world
+    shard = order[rank::world]
+    return shard[:per] if equal else shard
