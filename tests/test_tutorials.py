@@ -142,8 +142,8 @@ def test_umpire_gene_encoder_tutorial_pretrains_and_compares_variants(tmp_path, 
 
 
 @pytest.mark.slow
-def test_predict_new_slide_tutorial(tmp_path, monkeypatch):
-    nb = _execute(TUTORIALS / "06_predict_new_slide.ipynb", tmp_path, monkeypatch)
+def test_predict_new_slide_tutorial(tmp_path, monkeypatch, data_dir):
+    nb = _execute(TUTORIALS / "06_predict_new_slide.ipynb", tmp_path, monkeypatch, data_dir)
     result = _last_json_line(nb)
     assert result["fast"] is True
     assert (tmp_path / "C4_predicted.zarr").is_dir() and (tmp_path / "umpire_her2st" / "model.pt").exists()
