@@ -3,6 +3,7 @@
 Nothing here imports anndata.
 """
 
+from imagene.nn._context import ContextTower
 from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._gene_transformer import (
     GeneVocabulary,
@@ -22,6 +23,7 @@ from imagene.nn._registry import get_image_encoder, list_image_encoders, registe
 from imagene.nn._text import TextEncoder, get_text_encoder, minilm_path
 
 __all__ = [
+    "ContextTower",
     "ABFN",
     "ConcatFusion",
     "NicheGeneTransformer",

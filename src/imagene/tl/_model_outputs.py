@@ -65,7 +65,7 @@ def ensure_image_features(model: Any, adata: AnnData, *, show_progress_bar: bool
             "encoder). Run `imagene.pp.extract_tiles(adata)` and `imagene.pp.embed_tiles(adata)` with the training "
             "settings first."
         )
-    import imagene as ig
+    from imagene.pp import embed_tiles, extract_tiles
 
     logger.info(
         "Computing obsm[%r]: %g µm tiles at %d px embedded with %r (the model's tile settings)",
@@ -76,10 +76,10 @@ def ensure_image_features(model: Any, adata: AnnData, *, show_progress_bar: bool
     lib_cols = [c for c in ("section", "library_id") if c in adata.obs]
     for c in lib_cols:
         light.obs[c] = adata.obs[c].to_numpy()
-    ig.pp.extract_tiles(
+    extract_tiles(
         light, tile_size_um=conf["tile_size_um"], tile_px=int(conf["tile_px"]), show_progress_bar=show_progress_bar
     )
-    ig.pp.embed_tiles(
+    embed_tiles(
         light, encoder=conf["encoder"], input_px=conf.get("input_px"), key_added=key,
         show_progress_bar=show_progress_bar,
     )

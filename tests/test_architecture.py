@@ -1,0 +1,108 @@
+"""The package's layering, checked by parsing every import in ``src/imagene`` (function-local ones included).
+
+The layers and what each owns are described in ``docs/architecture.md``; this module is the
+executable form of that page: a new import that points upward, reaches into another
+subpackage's private module or makes a model file outgrow its budget fails here, with the
+file and line to fix.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "imagene"
+
+# bottom to top: a module may import its own layer and the layers below it, never above
+LAYERS: list[set[str]] = [
+    {"_constants", "_settings", "_utils", "_validate", "_version"},  # core helpers, no science
+    {"metrics", "io", "nn"},  # numbers from arrays; readers; torch blocks (no AnnData)
+    {"datasets"},  # published and synthetic data, read through io
+    {"pp"},  # every input a model needs, written to documented AnnData keys
+    {"data", "train"},  # batching of those inputs; the one training path
+    {"module"},  # each model's torch module, built from nn
+    {"model"},  # AnnData-facing models: setup_anndata / train / latents / prediction
+    {"tl"},  # results written back into AnnData
+    {"bench"},  # the harness
+    {"pl"},  # plots (of data, models and benchmark tables)
+    {"_demo", "_predict", "_cli", "__main__", "__init__"},  # applications and the package root
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+PRIVATE_OWNERS = ("pp", "nn")  # nobody outside these subpackages imports their private modules
+MAX_MODEL_LINES = 450
+
+
+def _unit(path: Path) -> str:
+    """The layer unit of a source file: its subpackage, or its module name at the top level."""
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path):
+    """``(line, imported module)`` for every absolute import of imagene in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "imagene":  # from imagene import pp, settings, ...
+                for alias in node.names:
+                    yield node.lineno, f"imagene.{alias.name}"
+            else:
+                yield node.lineno, node.module
+
+
+def _edges():
+    for path in sorted(SRC.rglob("*.py")):
+        src = _unit(path)
+        for line, target in _imports(path):
+            parts = target.split(".")
+            if parts[0] != "imagene":
+                continue
+            yield path, line, src, parts
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(p) for p in SRC.rglob("*.py")}
+    missing = sorted(units - set(RANK))
+    assert not missing, f"add {missing} to LAYERS here and to docs/architecture.md"
+
+
+def test_no_upward_import():
+    bad = []
+    for path, line, src, parts in _edges():
+        if len(parts) == 1:
+            if src not in LAYERS[-1]:
+                bad.append(f"{path.relative_to(SRC)}:{line} imports the package root")
+            continue
+        target = parts[1]
+        if target in ("settings", "__version__"):  # re-exported at the root from core modules
+            continue
+        if target in RANK and src in RANK and RANK[target] > RANK[src]:
+            bad.append(f"{path.relative_to(SRC)}:{line} ({src}) imports imagene.{target}, a layer above")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_private_import_across_subpackages():
+    bad = []
+    for path, line, src, parts in _edges():
+        if len(parts) >= 3 and parts[1] in PRIVATE_OWNERS and parts[2].startswith("_") and src != parts[1]:
+            bad.append(f"{path.relative_to(SRC)}:{line} imports {'.'.join(parts)}")
+    assert not bad, "use the public name from imagene.pp / imagene.nn instead:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", sorted((SRC / "model").glob("*.py")), ids=lambda p: p.name)
+def test_model_files_stay_small(path):
+    n = len(path.read_text(encoding="utf-8").splitlines())
+    assert n < MAX_MODEL_LINES, f"{path.name} has {n} lines: move inputs to pp / data and training to train"
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The parser itself: an upward, function-local import is found (guards against a checker that sees nothing)."""
+    src = tmp_path / "mod.py"
+    src.write_text("def f():\n    from imagene.model import UMPIRE\n    import imagene as ig\n")
+    found = list(_imports(src))
+    assert found == [(2, "imagene.model"), (3, "imagene")]
