@@ -252,7 +252,7 @@ def test_setup_errors_do_not_touch_adata(synthetic):
     before = (set(a.obs), set(a.obsm), set(a.uns))
     with pytest.raises(KeyError, match="image_key=None"):
         ig.model.SIGMMA.setup_anndata(a, image_key="X_missing")
-    with pytest.raises(KeyError, match="batch_key"):
+    with pytest.raises(KeyError, match="library_key"):
         ig.model.SIGMMA.setup_anndata(a, image_key=None, batch_key="nope")
     assert (set(a.obs), set(a.obsm), set(a.uns)) == before
 

@@ -289,7 +289,7 @@ def test_setup_errors_leave_adata_unchanged(synthetic):
     before = (set(a.obsm), set(a.obsp), set(a.layers), set(a.uns))
     with pytest.raises(KeyError, match="embed_tiles"):
         ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_missing", **SETUP)
-    with pytest.raises(KeyError, match="batch_key"):
+    with pytest.raises(KeyError, match="library_key"):
         ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="nope", **SETUP)
     with pytest.raises(ValueError, match="view"):
         ig.model.STAlign.setup_anndata(a[:50], layer="counts", image_key="X_he_tiny", **SETUP)

@@ -434,3 +434,42 @@ def _hub_cached(what: str) -> bool:
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return False
     return os.path.isdir(os.path.join(HF_HUB_CACHE, "models--" + repo.split("@")[0].replace("/", "--")))
+
+
+# ---------------------------------------------------------------------------------------------
+# renamed arguments
+# ---------------------------------------------------------------------------------------------
+def renamed_kwarg(new: str, new_value: Any, old: str, old_value: Any, *, where: str = "") -> Any:
+    """The value of a renamed keyword argument, accepting its old name with a :class:`FutureWarning`.
+
+    Parameters
+    ----------
+    new, new_value
+        The current name and the value passed under it (``None``: not passed).
+    old, old_value
+        The old name and the value passed under it (``None``: not passed).
+    where
+        The function, for the message.
+
+    Returns
+    -------
+    ``new_value``, or ``old_value`` when only the old name was used.
+
+    Examples
+    --------
+    >>> renamed_kwarg("library_key", "section", "batch_key", None)
+    'section'
+    """
+    if old_value is None:
+        return new_value
+    at = f" of {where}" if where else ""
+    if new_value is not None and new_value != old_value:
+        raise TypeError(f"`{old}`{at} was renamed `{new}`: pass only `{new}=` (got both, with different values).")
+    import warnings
+
+    warnings.warn(
+        f"`{old}=`{at} is renamed `{new}=` (the obs column of sections, as in squidpy); `{old}=` will be removed.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return old_value

@@ -53,18 +53,29 @@ class AlignmentMixin:
         return self._setup_args["image_key"]
 
     @property
+    def library_key(self) -> str | None:
+        """``obs`` column of sections registered by ``setup_anndata`` (``None``: one section).
+
+        Sections are held out whole for validation and graphs are built within each; the column is
+        not a covariate of the model. Models saved before the rename stored it as ``batch_key``.
+        """
+        args = self._setup_args
+        return args.get("library_key", args.get("batch_key"))
+
+    @property
     def gene_names(self) -> pd.Index:
         """Genes of the model's gene tower, in order."""
         return pd.Index(self.get_var_names())
 
     @staticmethod
     def _check_setup(
-        adata: AnnData, layer: str | None, image_key: str | None, batch_key: str | None, *, image_hint: str | None = None
+        adata: AnnData, layer: str | None, image_key: str | None, library_key: str | None, *,
+        image_hint: str | None = None,
     ):
         """Checks every ``setup_anndata`` shares; returns the raw counts of ``layer``.
 
         Refuses views (registration writes into the AnnData), a missing ``obsm[image_key]``
-        (``None`` skips the check), non-count data and a missing ``obs[batch_key]``, each with the fix.
+        (``None`` skips the check), non-count data and a missing ``obs[library_key]``, each with the fix.
         """
         check_adata(adata)
         check_unique_obs_names(adata)
@@ -77,26 +88,28 @@ class AlignmentMixin:
                    "or pass the obsm key of your image features as `image_key=`.")
             )
         counts = get_counts(adata, layer)  # raises on non-count data
-        if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"adata.obs[{batch_key!r}] not found. Pass the obs column of sections as `batch_key=`.")
+        if library_key is not None and library_key not in adata.obs:
+            raise KeyError(
+                f"adata.obs[{library_key!r}] not found. Pass the obs column of sections as `library_key=`."
+            )
         return counts
 
     def _validation_mask(self, validation_sections: Sequence[str] | None) -> np.ndarray | None:
         """Boolean mask of the spots of the validation sections, or ``None`` with fewer than two sections.
 
-        The default holds out the last section (in category order) of ``batch_key``.
+        The default holds out the last section (in category order) of ``library_key``.
         """
-        batch_key = self._setup_args.get("batch_key")
-        if batch_key is None:
+        library_key = self.library_key
+        if library_key is None:
             return None
-        sections = pd.Categorical(self.adata.obs[batch_key].astype(str))
+        sections = pd.Categorical(self.adata.obs[library_key].astype(str))
         cats = list(sections.categories)
         if len(cats) < 2:
             return None
         validation_sections = [cats[-1]] if validation_sections is None else list(validation_sections)
         unknown = set(validation_sections) - set(cats)
         if unknown:
-            raise ValueError(f"validation_sections {sorted(unknown)} not in adata.obs[{batch_key!r}] ({cats}).")
+            raise ValueError(f"validation_sections {sorted(unknown)} not in adata.obs[{library_key!r}] ({cats}).")
         if set(validation_sections) == set(cats):
             raise ValueError("validation_sections cannot hold every section: nothing would be left to train on.")
         logger.info("Validating on held-out section(s) %s", validation_sections)
@@ -106,32 +119,6 @@ class AlignmentMixin:
         """Train and validation spot indices by section (``None``: no sections to split by)."""
         is_val = self._validation_mask(validation_sections)
         return None if is_val is None else (np.flatnonzero(~is_val), np.flatnonzero(is_val))
-
-    @staticmethod
-    def _monitoring_kwargs(
-        trainer_kwargs: dict,
-        *,
-        early_stopping: bool,
-        early_stopping_patience: int,
-        restore_best_weights: bool,
-        monitor: str = "recall5_validation",
-        mode: str = "max",
-    ) -> dict:
-        """Trainer settings shared by every model: validation each epoch, early stopping, best weights."""
-        from imagene.train import RestoreBestWeights
-
-        trainer_kwargs = dict(trainer_kwargs)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", monitor)
-            trainer_kwargs.setdefault("early_stopping_mode", mode)
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        if restore_best_weights:
-            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-            callbacks.append(RestoreBestWeights(monitor=monitor, mode=mode))
-            trainer_kwargs["callbacks"] = callbacks
-        trainer_kwargs.setdefault("enable_checkpointing", False)
-        return trainer_kwargs
 
     def _train_spots(
         self,
@@ -153,14 +140,14 @@ class AlignmentMixin:
     ) -> None:
         """Spot-level training with scvi-tools' runner: whole sections held out for validation.
 
-        With a ``batch_key`` of several sections the validation spots are those of
+        With a ``library_key`` of several sections the validation spots are those of
         ``validation_sections`` (default the last section); with one section 10 % of the spots
         are held out at random. Batches never exceed the training spots; the last incomplete
         batch is dropped (InfoNCE needs full batches of negatives).
         """
         from scvi.model.base import UnsupervisedTrainingMixin
 
-        from imagene.train import check_optimised, checkpoint_settings, trainable_snapshot
+        from imagene.train import check_optimised, checkpoint_settings, monitoring_settings, trainable_snapshot
 
         max_epochs = check_max_epochs(max_epochs)
         batch_size = check_int("batch_size", batch_size, 2, hint="InfoNCE needs negatives: pass e.g. `batch_size=128`.")
@@ -178,16 +165,16 @@ class AlignmentMixin:
             if n_val < MIN_VALIDATION_SPOTS:
                 warn(
                     f"Only {n_val} spot(s) are held out for validation (10% of one section): recall@5% over so few "
-                    "spots barely moves, so early stopping is unreliable. Set up with `batch_key=` and several "
+                    "spots barely moves, so early stopping is unreliable. Set up with `library_key=` and several "
                     "sections, or pass `early_stopping=False`."
                 )
         # each device draws its own batches from its shard of the training spots
         world = ddp_world_size(trainer_kwargs.get("strategy"), devices, trainer_kwargs.get("num_nodes", 1))
         batch_size = int(min(batch_size, max(2, n_train // world)))
         datasplitter_kwargs.setdefault("drop_last", n_train // world > batch_size)
-        trainer_kwargs = self._monitoring_kwargs(
+        trainer_kwargs = monitoring_settings(
             trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-            restore_best_weights=restore_best_weights, monitor=monitor[0], mode=monitor[1],
+            restore_best_weights=restore_best_weights, monitor=monitor[0], mode=monitor[1], runner="scvi",
         )
         trainer_kwargs, ckpt_path = checkpoint_settings(
             trainer_kwargs, checkpoint_dir, resume, what=f"{type(self).__name__} training"

@@ -451,7 +451,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         """
         from scvi.train import TrainRunner
 
-        from imagene.train import check_optimised, checkpoint_settings, trainable_snapshot
+        from imagene.train import check_optimised, checkpoint_settings, monitoring_settings, trainable_snapshot
 
         max_epochs = check_max_epochs(max_epochs)
         data = self._tile_data(self.adata, need_gene=True, need_image=True)
@@ -473,9 +473,9 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         plan = self._training_plan_cls(self.module, **plan_kwargs)
         if not has_val:
             trainer_kwargs.setdefault("limit_val_batches", 0)
-        trainer_kwargs = self._monitoring_kwargs(
+        trainer_kwargs = monitoring_settings(
             trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
-            restore_best_weights=restore_best_weights,
+            restore_best_weights=restore_best_weights, monitor="recall5_validation", mode="max", runner="scvi",
         )
         if not has_val:
             trainer_kwargs.pop("check_val_every_n_epoch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
-from imagene._utils import log_normalize, progress, save_key, warn
+from imagene._utils import log_normalize, save_key, warn
 from imagene._validate import check_int
 from imagene.model._base import AlignmentMixin, _format_prediction, mc_dropout_sd
 from imagene.module._stalign import STAlignModule
@@ -48,33 +47,6 @@ def _cached(key: tuple, fn) -> np.ndarray:
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return value
-
-
-class _WarmupCosinePlan(ContrastiveTrainingPlan):
-    """:class:`imagene.train.ContrastiveTrainingPlan` with a per-step linear warm-up then cosine decay of the lr."""
-
-    def __init__(self, *args, warmup_fraction: float = 0.1, min_lr_ratio: float = 0.01, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.warmup_fraction = float(warmup_fraction)
-        self.min_lr_ratio = float(min_lr_ratio)
-
-    def configure_optimizers(self):
-        config = super().configure_optimizers()
-        if "lr_scheduler" in config:  # reduce_lr_on_plateau was asked for explicitly: keep it
-            return config
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = max(1, int(round(self.warmup_fraction * total)))
-        lo = self.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            p = min(1.0, (step - warm) / max(1, total - warm))
-            return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(config["optimizer"], factor)
-        config["lr_scheduler"] = {"scheduler": sched, "interval": "step"}
-        return config
 
 
 class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -140,7 +112,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _module_cls = STAlignModule
-    _training_plan_cls = _WarmupCosinePlan
+    _training_plan_cls = ContrastiveTrainingPlan
 
     def __init__(
         self,
@@ -555,6 +527,7 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             "optimizer": "AdamW",
             "lr": lr,
             "weight_decay": weight_decay,
+            "lr_schedule": "warmup_cosine",
             "warmup_fraction": warmup_fraction,
             **(plan_kwargs or {}),
         }
@@ -571,28 +544,25 @@ class STAlign(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     def _train_probe(self, epochs: int, batch_size: int = 128, lr: float = 1e-3) -> None:
         """Fit the MLP probe: frozen image latents of the training spots → log-normalised expression."""
-        x = torch.as_tensor(self._embed(self.adata, "probe", None, 512))
-        y = torch.as_tensor(log_normalize(self._gene_input(self.adata)))
+        from imagene.train import RegressionTask, fit, tensor_loaders
+
+        x = self._embed(self.adata, "probe", None, 512)
+        y = log_normalize(self._gene_input(self.adata))
         probe = self.module.probe
         device = next(probe.parameters()).device
         probe.requires_grad_(True)
-        probe.train()
-        opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-        gen = torch.Generator().manual_seed(0)
+        task = RegressionTask(probe, lr=lr, weight_decay=1e-4)
+        loader, _ = tensor_loaders(x, y, batch_size=batch_size, seed=0)
         try:
-            for _ in progress(range(epochs), total=epochs, desc="probe", show=False):
-                perm = torch.randperm(x.shape[0], generator=gen)
-                for start in range(0, len(perm), batch_size):
-                    sel = perm[start : start + batch_size]
-                    loss = torch.nn.functional.mse_loss(probe(x[sel].to(device)), y[sel].to(device))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+            fit(task, loader, max_epochs=epochs, what="the STAlign expression probe",
+                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, enable_progress_bar=False)
         finally:
             probe.requires_grad_(False)
             probe.eval()
+            probe.to(device)
         self.probe_trained_ = True
-        logger.info("Trained the expression probe for %d epochs (last batch MSE %.4f)", epochs, float(loss.detach()))
+        logger.info("Trained the expression probe for %d epochs (last epoch MSE %.4f)", epochs,
+                    task.epoch_history["train_loss"][-1])
 
     # ------------------------------------------------------------------------------------------
     # prediction

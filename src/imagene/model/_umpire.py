@@ -16,7 +16,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import REGISTRY_KEYS
 from imagene._utils import log_normalize, warn
-from imagene._validate import check_int
+from imagene._validate import check_int, renamed_kwarg
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
 from imagene.train import ContrastiveTrainingPlan
@@ -94,7 +94,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     Examples
     --------
-    >>> imagene.model.UMPIRE.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
+    >>> imagene.model.UMPIRE.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section")
     >>> model = imagene.model.UMPIRE(adata)
     >>> model.train(max_epochs=50)
     >>> adata.obsm["X_imagene_joint"] = model.get_latent_representation(modality="joint")
@@ -211,6 +211,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         layer: str | None = "counts",
         *,
         image_key: str = "X_he_efficientnet_lite0",
+        library_key: str | None = None,
         batch_key: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -227,17 +228,22 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Layer with raw integer counts (``None`` for ``X``).
         image_key
             ``obsm`` key of frozen tile features (``imagene.pp.embed_tiles``) or of uint8 tiles.
+        library_key
+            ``obs`` column of sections; when given, ``train`` validates on held-out sections (it is
+            registered as scvi-tools' batch field, but the model does not use it as a covariate).
         batch_key
-            ``obs`` column of sections; when given, ``train`` validates on held-out sections.
+            Old name of ``library_key`` (deprecated).
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
+        library_key = renamed_kwarg("library_key", library_key, "batch_key", batch_key, where="UMPIRE.setup_anndata")
+        batch_key = None
         setup_method_args = cls._get_setup_method_args(**locals())
-        cls._check_setup(adata, layer, image_key, batch_key)
+        cls._check_setup(adata, layer, image_key, library_key)
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
@@ -264,7 +270,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> None:
         """Train the towers, then store the reference bank used by :meth:`predict_expression`.
 
-        With a ``batch_key`` of several sections, whole sections are held out for validation
+        With a ``library_key`` of several sections, whole sections are held out for validation
         (``validation_sections``, default: the last section) and early stopping watches
         ``recall5_validation`` (``validation_loss`` with ``objective='rec'``)
         (image→gene and gene→image retrieval over the whole validation

@@ -6,6 +6,7 @@ import torch
 from scvi.train import TrainingPlan
 
 from imagene.metrics import recall_at_k
+from imagene.train._task import check_lr_schedule, warmup_cosine
 
 
 class ContrastiveTrainingPlan(TrainingPlan):
@@ -20,11 +21,40 @@ class ContrastiveTrainingPlan(TrainingPlan):
     batch size, unlike the InfoNCE loss); under DDP the embeddings of every rank are gathered first,
     so the metric is computed once over the whole validation set. Modules name their paired embeddings in
     ``_pair_keys`` (default ``("z_image", "z_gene")``).
+
+    Parameters
+    ----------
+    *args, **kwargs
+        Those of :class:`scvi.train.TrainingPlan`.
+    lr_schedule
+        ``None`` (scvi-tools' schedule: constant, or ``reduce_lr_on_plateau=True``) or
+        ``'warmup_cosine'`` (per-step linear warm-up then cosine decay, :func:`imagene.train.warmup_cosine`;
+        an explicit ``reduce_lr_on_plateau=True`` wins).
+    warmup_fraction, min_lr_ratio
+        Settings of ``'warmup_cosine'``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        lr_schedule: str | None = None,
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.lr_schedule = check_lr_schedule(lr_schedule)
+        self.warmup_fraction, self.min_lr_ratio = float(warmup_fraction), float(min_lr_ratio)
         self._val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if self.lr_schedule is None or "lr_scheduler" in config:
+            return config
+        sched = warmup_cosine(config["optimizer"], self.trainer.estimated_stepping_batches,
+                              warmup_fraction=self.warmup_fraction, min_lr_ratio=self.min_lr_ratio)
+        config["lr_scheduler"] = {"scheduler": sched, "interval": "step"}
+        return config
 
     def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:  # noqa: ARG002
         n = loss_output.n_obs_minibatch
