@@ -3,6 +3,7 @@
 from imagene.pp._context import context_features, context_matrix, neighbor_features
 from imagene.pp._features import embed_tiles
 from imagene.pp._grid import spot_grid, tissue_mask
+from imagene.pp._library import resolve_libraries
 from imagene.pp._niches import niches
 from imagene.pp._normalize import log_normalize
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
@@ -21,6 +22,7 @@ __all__ = [
     "niches",
     "nuclei_maps",
     "nuclei_mask",
+    "resolve_libraries",
     "section_split",
     "spot_grid",
     "tile_graphs",

@@ -15,6 +15,21 @@ def resolve_libraries(adata: AnnData, library_key: str | None) -> tuple[str | No
     With ``library_key=None``: ``obs['section']`` (written by :func:`imagene.io.concat`) is used when
     ``uns['spatial']`` holds several sections or the column names several sections; otherwise the
     single ``uns['spatial']`` entry (or ``''`` when there is none) covers all spots.
+
+    Parameters
+    ----------
+    adata
+        AnnData of one or several sections.
+    library_key
+        ``obs`` column of sections, or ``None`` to infer it as above.
+
+    Returns
+    -------
+    ``(library_key or None, {library id: positions})``; sections without spots are left out.
+
+    Examples
+    --------
+    >>> key, libs = imagene.pp.resolve_libraries(adata, "section")
     """
     libs = list(adata.uns.get("spatial", {}))
     if library_key is None:
