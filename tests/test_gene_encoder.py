@@ -124,6 +124,20 @@ def test_pretraining_beats_an_untrained_encoder_on_a_held_out_section(pretrained
     assert len(pre.history_["train_loss"]) == 15
     assert pre.history_["train_loss"][-1] < pre.history_["train_loss"][0]
     assert len(pre.history_["mlm_accuracy_validation"]) == 15
+    # the same history in the scvi-tools format every model has, so imagene.pl.history draws it
+    ax = ig.pl.history(pre, keys=["train_loss", "mlm_accuracy_validation"])
+    drawn = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    assert set(drawn) == {"train_loss", "mlm_accuracy_validation"}
+    np.testing.assert_allclose(drawn["mlm_accuracy_validation"], pre.history_["mlm_accuracy_validation"])
+
+
+def test_nonzero_gene_means_pools_detected_spots_only():
+    # spot 1: CP10k (10000, 0); spot 2: (6000, 4000); gene 3 never detected -> 1
+    counts = np.array([[1, 0, 0], [3, 2, 0]])
+    np.testing.assert_allclose(ig.nn.nonzero_gene_means(counts), [8000.0, 4000.0, 1.0])
+    sums, n = ig.nn.nonzero_gene_means(sp.csr_matrix(counts), return_sums=True)
+    np.testing.assert_allclose(sums, [16000.0, 4000.0, 0.0])
+    np.testing.assert_array_equal(n, [2, 1, 0])
 
 
 def test_save_load_round_trip_keeps_vocabulary_means_and_predictions(pretrained):

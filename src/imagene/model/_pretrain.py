@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
@@ -18,15 +17,17 @@ from torch import nn
 
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts
-from imagene.nn._gene_transformer import (
+from imagene.nn import (
     SPECIAL_TOKENS,
     GeneVocabulary,
     RankTokenizer,
     RankTransformerGeneEncoder,
     mask_tokens,
+    nonzero_gene_means,
     read_gene_encoder_file,
     save_gene_encoder,
 )
+from imagene.train import TaskPlan, history_frames
 
 logger = logging.getLogger("imagene")
 
@@ -63,14 +64,11 @@ def corpus_statistics(
     """
     total: dict[str, float] = {}
     detected: dict[str, int] = {}
-    for a in adatas:
-        x = sp.csr_matrix(get_counts(a, layer), dtype=np.float64)
-        lib = np.asarray(x.sum(1)).ravel()
-        lib[lib == 0] = 1.0
-        x = sp.diags(target_sum / lib) @ x
-        s = pd.Series(np.asarray(x.sum(0)).ravel(), index=a.var_names.astype(str))
-        n = pd.Series(np.asarray((x > 0).sum(0)).ravel(), index=a.var_names.astype(str))
-        s, n = s.groupby(level=0).sum(), n.groupby(level=0).sum()
+    for a in adatas:  # pooled by gene symbol: sums of CP10k and detections of each section
+        sums, nnz = nonzero_gene_means(get_counts(a, layer), target_sum, return_sums=True)
+        names = a.var_names.astype(str)
+        s = pd.Series(sums, index=names).groupby(level=0).sum()
+        n = pd.Series(nnz, index=names).groupby(level=0).sum()
         for g, v in s.items():
             total[g] = total.get(g, 0.0) + float(v)
         for g, v in n.items():
@@ -91,61 +89,28 @@ def _token_states(encoder: RankTransformerGeneEncoder, inputs: torch.Tensor) -> 
     return h[:, 1:] if encoder.pooling == "cls" else h
 
 
-class _MLMTask:
-    """Namespace for the Lightning module, built lazily so that importing the model stays light."""
+class MaskedGeneModelling(TaskPlan):
+    """Masked-gene modelling of a rank-token encoder: cross-entropy on masked tokens, masked-token accuracy.
 
-    @staticmethod
-    def build(encoder: RankTransformerGeneEncoder, head: nn.Module, **hparams: Any):
-        import lightning.pytorch as pl
+    ``module`` holds ``encoder`` and ``mlm_head``; validation masks are fixed per batch, so
+    ``mlm_accuracy_validation`` compares epochs on the same targets.
+    """
 
-        class MaskedGeneModelling(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.encoder, self.mlm_head = encoder, head
-                self.hp = hparams
-                self.epoch_losses: list[float] = []
-                self.epoch_val_acc: list[float] = []
-                self._losses: list[float] = []
-                self._val: list[tuple[int, int]] = []
+    def __init__(self, encoder: RankTransformerGeneEncoder, head: nn.Module, *, mask_prob: float, **kwargs) -> None:
+        super().__init__(nn.ModuleDict({"encoder": encoder, "mlm_head": head}), **kwargs)
+        self.mask_prob = float(mask_prob)
 
-            def training_step(self, batch, batch_idx):
-                (ids,) = batch
-                inputs, labels = mask_tokens(ids, vocab_size=self.encoder.vocab_size, mask_prob=self.hp["mask_prob"])
-                sel = labels != -100
-                logits = self.mlm_head(_token_states(self.encoder, inputs)[sel])
-                loss = F.cross_entropy(logits, labels[sel])
-                self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=ids.shape[0])
-                self._losses.append(float(loss.detach()))
-                return loss
-
-            def validation_step(self, batch, batch_idx):
-                (ids,) = batch
-                gen = torch.Generator().manual_seed(10_000 + batch_idx)
-                inputs, labels = mask_tokens(ids, vocab_size=self.encoder.vocab_size, mask_prob=self.hp["mask_prob"],
-                                             generator=gen)
-                sel = labels != -100
-                pred = self.mlm_head(_token_states(self.encoder, inputs)[sel]).argmax(-1)
-                self._val.append((int((pred == labels[sel]).sum()), int(sel.sum())))
-
-            def on_validation_epoch_end(self) -> None:
-                if self.trainer.sanity_checking:
-                    self._val = []
-                    return
-                hit = sum(h for h, _ in self._val)
-                n = max(1, sum(n for _, n in self._val))
-                self._val = []
-                self.log("mlm_accuracy_validation", hit / n)
-                self.epoch_val_acc.append(hit / n)
-
-            def on_train_epoch_end(self) -> None:
-                if self._losses:
-                    self.epoch_losses.append(float(np.mean(self._losses)))
-                self._losses = []
-
-            def configure_optimizers(self):
-                return torch.optim.AdamW(self.parameters(), lr=self.hp["lr"], weight_decay=self.hp["weight_decay"])
-
-        return MaskedGeneModelling()
+    def step(self, batch, batch_idx, mode):
+        (ids,) = batch
+        encoder, head = self.module["encoder"], self.module["mlm_head"]
+        gen = None if mode == "train" else torch.Generator().manual_seed(10_000 + batch_idx)
+        inputs, labels = mask_tokens(ids, vocab_size=encoder.vocab_size, mask_prob=self.mask_prob, generator=gen)
+        sel = labels != -100
+        logits = head(_token_states(encoder, inputs)[sel])
+        if mode == "train":
+            return {"loss": F.cross_entropy(logits, labels[sel]), "n": ids.shape[0]}
+        n = int(sel.sum())
+        return {"n": ids.shape[0], "mlm_accuracy": (float((logits.argmax(-1) == labels[sel]).sum()) / max(n, 1), n)}
 
 
 class GeneEncoderPretrainer:
@@ -300,50 +265,40 @@ class GeneEncoderPretrainer:
         -------
         Nothing; the encoder is trained in place and ``history_`` extended.
         """
-        import lightning.pytorch as pl
         from torch.utils.data import DataLoader, TensorDataset
+
+        from imagene.train import fit
 
         if corpus is not None:
             self.tokens_ = self.tokenize(corpus)
         if getattr(self, "tokens_", None) is None:
             raise ValueError("No corpus to train on: pass `corpus=` (sections with raw counts) to train().")
-        from imagene.train import checkpoint_settings
-
-        trainer_kwargs, ckpt_path = checkpoint_settings(
-            trainer_kwargs, checkpoint_dir, resume, what="masked-gene pre-training"
-        )
-        callbacks = trainer_kwargs.pop("callbacks", [])
-        if settings.seed is not None:
-            pl.seed_everything(settings.seed, verbose=False)
-        task = _MLMTask.build(
-            self.encoder, self.mlm_head, lr=lr, weight_decay=weight_decay, mask_prob=self.mask_prob
-        )
+        task = MaskedGeneModelling(self.encoder, self.mlm_head, mask_prob=self.mask_prob, lr=lr,
+                                   weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(settings.seed if settings.seed is not None else 0)
         train_dl = DataLoader(TensorDataset(self.tokens_), batch_size=batch_size, shuffle=True, num_workers=0,
                               generator=gen)
         val_dl = None
         if validation is not None:
             val_dl = DataLoader(TensorDataset(self.tokenize(validation)), batch_size=256, num_workers=0)
-        trainer = pl.Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            callbacks=callbacks,
-            enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
-            logger=trainer_kwargs.pop("logger", False),
-            enable_progress_bar=settings.progress_bar if enable_progress_bar is None else enable_progress_bar,
-            enable_model_summary=trainer_kwargs.pop("enable_model_summary", False),
-            num_sanity_val_steps=trainer_kwargs.pop("num_sanity_val_steps", 0),
-            **trainer_kwargs,
+        if enable_progress_bar is not None:
+            trainer_kwargs["enable_progress_bar"] = enable_progress_bar
+        trainer = fit(
+            task, train_dl, val_dl, max_epochs=max_epochs, monitor="mlm_accuracy_validation", mode="max",
+            accelerator=accelerator, devices=devices, checkpoint_dir=checkpoint_dir, resume=resume,
+            what="masked-gene pre-training", check_weights_changed=False, **trainer_kwargs,
         )
-        self.encoder.train()  # Lightning keeps the mode modules are in (evaluate() leaves them in eval)
-        self.mlm_head.train()
-        trainer.fit(task, train_dataloaders=train_dl, val_dataloaders=val_dl, ckpt_path=ckpt_path)
-        self.encoder.cpu().eval()
-        self.mlm_head.cpu().eval()
-        self.history_["train_loss"] += task.epoch_losses
-        self.history_["mlm_accuracy_validation"] += task.epoch_val_acc
+        self.mlm_head.eval()
+        for key in ("train_loss", "mlm_accuracy_validation"):
+            self.history_.setdefault(key, [])
+        for key, values in task.epoch_history.items():
+            self.history_.setdefault(key, []).extend(values)
         self.epochs_trained_ = int(trainer.current_epoch)
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch ``train_loss`` and ``mlm_accuracy_validation`` in the scvi-tools ``model.history`` format."""
+        return history_frames({k: v for k, v in self.history_.items() if v})
 
     @torch.inference_mode()
     def _accuracy(self, encoder: nn.Module, head: nn.Module, tokens: torch.Tensor, seed: int, batch_size: int):

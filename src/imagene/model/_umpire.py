@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
@@ -19,6 +18,7 @@ from imagene._utils import log_normalize, warn
 from imagene._validate import check_int, renamed_kwarg
 from imagene.model._base import AlignmentMixin
 from imagene.module import UMPIREModule
+from imagene.nn import nonzero_gene_means
 from imagene.train import ContrastiveTrainingPlan
 
 logger = logging.getLogger("imagene")
@@ -341,29 +341,3 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._set_reference_counts(self._gene_input(self.adata))
         self._store_similarity_threshold(batch_size, exclude_self=True)
         return None
-
-
-def nonzero_gene_means(counts: Any, target_sum: float = 1e4) -> np.ndarray:
-    """Mean CP10k expression of each gene over the spots where it is detected (1 for never-detected genes).
-
-    The rank tokenizer divides a spot's CP10k by these means before sorting genes
-    (:class:`imagene.nn.RankTokenizer`).
-
-    Parameters
-    ----------
-    counts
-        (n_obs, n_genes) raw counts (dense or sparse).
-    target_sum
-        Library size after normalisation.
-
-    Returns
-    -------
-    (n_genes,) float64 means.
-    """
-    x = sp.csr_matrix(counts, dtype=np.float64)
-    lib = np.asarray(x.sum(1)).ravel()
-    lib[lib == 0] = 1.0
-    x = sp.diags(target_sum / lib) @ x
-    nnz = np.asarray((x > 0).sum(0)).ravel()
-    total = np.asarray(x.sum(0)).ravel()
-    return np.where(nnz > 0, total / np.maximum(nnz, 1), 1.0)

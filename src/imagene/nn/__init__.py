@@ -6,6 +6,7 @@ Nothing here imports anndata.
 from imagene.nn._context import ContextTower
 from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._gene_transformer import (
+    SPECIAL_TOKENS,
     GeneVocabulary,
     RankTokenizer,
     RankTransformerGeneEncoder,
@@ -13,7 +14,10 @@ from imagene.nn._gene_transformer import (
     list_gene_encoders,
     load_gene_encoder,
     mask_tokens,
+    nonzero_gene_means,
+    read_gene_encoder_file,
     register_gene_encoder,
+    save_gene_encoder,
 )
 from imagene.nn._graph import GumbelEdgeSampler, MultiScaleGraphEncoder, gumbel_sigmoid
 from imagene.nn._image import ImageEncoder
@@ -37,6 +41,10 @@ __all__ = [
     "list_gene_encoders",
     "load_gene_encoder",
     "mask_tokens",
+    "nonzero_gene_means",
+    "read_gene_encoder_file",
+    "save_gene_encoder",
+    "SPECIAL_TOKENS",
     "register_gene_encoder",
     "ImageEncoder",
     "LogitScale",

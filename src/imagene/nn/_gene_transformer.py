@@ -226,6 +226,46 @@ class RankTokenizer:
         return torch.cat(out) if out else torch.zeros((0, self.n_tokens), dtype=torch.long)
 
 
+def nonzero_gene_means(
+    counts: Any, target_sum: float = 1e4, *, return_sums: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Mean CP10k expression of each gene over the spots where it is detected (1 for never-detected genes).
+
+    The rank tokenizer divides a spot's CP10k by these means before sorting genes
+    (:class:`RankTokenizer`); the pre-trainer pools the sums of several sections
+    (:class:`imagene.model.GeneEncoderPretrainer`).
+
+    Parameters
+    ----------
+    counts
+        (n_obs, n_genes) raw counts (dense or sparse); each spot is normalised over these genes.
+    target_sum
+        Library size after normalisation.
+    return_sums
+        Return ``(sum of CP10k, number of spots detected)`` per gene instead of their ratio.
+
+    Returns
+    -------
+    (n_genes,) float64 means, or the two (n_genes,) arrays with ``return_sums=True``.
+
+    Examples
+    --------
+    >>> nonzero_gene_means(np.array([[1, 0], [3, 2]]))
+    array([8000., 4000.])
+    """
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(counts, dtype=np.float64)
+    lib = np.asarray(x.sum(1)).ravel()
+    lib[lib == 0] = 1.0
+    x = sp.diags(target_sum / lib) @ x
+    nnz = np.asarray((x > 0).sum(0)).ravel()
+    total = np.asarray(x.sum(0)).ravel()
+    if return_sums:
+        return total, nnz
+    return np.where(nnz > 0, total / np.maximum(nnz, 1), 1.0)
+
+
 def mask_tokens(
     ids: torch.Tensor,
     *,
