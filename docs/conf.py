@@ -177,7 +177,14 @@ def _own_members() -> dict[str, list[str]]:
                 owner = next((c for c in cls.__mro__ if member in vars(c)), None)
                 if owner is None:
                     continue
-                if owner.__module__.startswith("imagene") or (member in _KEEP_INHERITED and owner is not object):
+                if member in _KEEP_INHERITED and owner is not object:
+                    keep.append(member)
+                elif owner.__module__.startswith("imagene"):
+                    # an override without its own docstring (a Lightning hook) would show the
+                    # parent's, written in roles this build does not know
+                    attr = vars(owner)[member]
+                    if callable(attr) and not getattr(attr, "__doc__", None):
+                        continue
                     keep.append(member)
             own[f"imagene.{sub}.{name}"] = keep
     return own

@@ -58,7 +58,6 @@ def _paint(rng: np.random.Generator, domains: np.ndarray, n_domains: int) -> np.
     """Paint an H&E-like RGB image: domain colour, domain-dependent nuclei density, mild stain noise."""
     from scipy.ndimage import gaussian_filter, maximum_filter
 
-    px = domains.shape[0]
     palette = _DOMAIN_RGB[np.arange(n_domains) % len(_DOMAIN_RGB)]
     density = _NUCLEI_DENSITY[np.arange(n_domains) % len(_NUCLEI_DENSITY)]
     base = palette[domains]  # (px, px, 3)

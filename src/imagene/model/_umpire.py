@@ -38,7 +38,7 @@ class UMPIRE(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     - ``mode='finetune'`` (UMPIRE-FINETUNE): every parameter trains; the towers end in MLP heads.
     - ``mode='adapter'`` (UMPIRE-ADAPTER): the gene encoder and the image backbone are frozen;
-      each side gets two trainable linear layers with a ReLU (:func:`imagene.module.adapter`).
+      each side gets two trainable linear layers with a ReLU (:func:`imagene.nn.adapter`).
       With frozen ``obsm`` features the image encoder is already frozen, so the image side is
       LayerNorm + adapter.
     - ``objective='rec'`` (UMPIRE-REC): no gene tower and no contrastive loss; the image

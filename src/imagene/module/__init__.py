@@ -11,7 +11,7 @@ from imagene.module._alignst import (
 )
 from imagene.module._sigmma import SIGMMAModule
 from imagene.module._stalign import STAlignModule
-from imagene.module._umpire import AdaptedEncoder, ImageTower, UMPIREModule, adapter
+from imagene.module._umpire import UMPIREModule
 
 __all__ = [
     "AlignSTModule",
@@ -21,12 +21,9 @@ __all__ = [
     "NucleiFusion",
     "SAGERefiner",
     "mse_pcc_loss",
-    "ImageTower",
     "SIGMMAModule",
     "STAlignModule",
     "UMPIREModule",
-    "AdaptedEncoder",
-    "adapter",
 ]
 
 from imagene._settings import settings as _settings

@@ -24,9 +24,13 @@ from imagene.nn._image import ImageEncoder
 from imagene.nn._losses import LogitScale, info_nce
 from imagene.nn._mlp import MLP, GeneMLPEncoder
 from imagene.nn._registry import get_image_encoder, list_image_encoders, register_image_encoder
+from imagene.nn._towers import AdaptedEncoder, ImageTower, adapter
 from imagene.nn._text import TextEncoder, get_text_encoder, minilm_path
 
 __all__ = [
+    "AdaptedEncoder",
+    "ImageTower",
+    "adapter",
     "ContextTower",
     "ABFN",
     "ConcatFusion",

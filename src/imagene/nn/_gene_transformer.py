@@ -26,6 +26,7 @@ logger = logging.getLogger("imagene")
 
 #: special tokens, always the first ids of a vocabulary
 PAD, MASK, CLS, UNK = "<pad>", "<mask>", "<cls>", "<unk>"
+#: the special tokens in id order (padding, mask, class, unknown)
 SPECIAL_TOKENS = (PAD, MASK, CLS, UNK)
 PAD_ID, MASK_ID, CLS_ID, UNK_ID = 0, 1, 2, 3
 #: format tag of the files written by :func:`save_gene_encoder`
