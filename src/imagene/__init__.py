@@ -6,8 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from imagene._settings import settings
-
-__version__ = "0.1.0"
+from imagene._version import __version__
 
 _SUBMODULES = ("bench", "datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
 

@@ -24,9 +24,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-import imagene
 from imagene._constants import KEYS
 from imagene._utils import check_adata, check_obsm, progress, save_key
+from imagene._version import __version__
 from imagene.pp._features import _tta_views, encode_tiles, resolve_device
 from imagene.pp._library import resolve_libraries
 from imagene.pp._niches import niche_mean_operator
@@ -202,7 +202,7 @@ def context_features(
                 "input_px": int(px),
                 "tta": tta or "none",
                 "n_features": int(enc.n_features),
-                "imagene_version": imagene.__version__,
+                "imagene_version": __version__,
             },
         )
         keys.append(key)

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-import imagene
 from imagene._constants import KEYS
 from imagene._utils import check_adata, check_obsm, progress, save_key
+from imagene._version import __version__
 
 if TYPE_CHECKING:
     import torch
@@ -205,6 +205,6 @@ def embed_tiles(
             "n_features": int(feats.shape[1]),
             "tiles_key": tiles_key,
             "tta": tta or "none",
-            "imagene_version": imagene.__version__,
+            "imagene_version": __version__,
         },
     )
