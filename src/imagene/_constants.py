@@ -35,7 +35,6 @@ class _Keys(NamedTuple):
     TISSUE_FRACTION: str = "imagene_tissue_fraction"  # obs: share of the spot's disc on tissue (pp.spot_grid)
     SPLIT: str = "imagene_split"  # obs: train / validation / test
     NUCLEI: str = "imagene_nuclei"  # obsm: (n, px, px) nuclei density maps from H&E deconvolution (pp.nuclei_maps)
-    GENE_EMBEDDING: str = "imagene_gene_embedding"  # varm: per-gene embeddings (AlignST.get_gene_embedding)
     TILE_GRAPHS: str = "imagene_tile_graphs"  # obs: <key>_tile, obsm: <key>_blocks, obsp: <key>_connectivities / _distances, uns: tile table (pp.tile_graphs)
     SPOT_TILES: str = "imagene_spot_tiles"  # obsm: small uint8 spot tiles, uns: provenance (STAlign.setup_anndata)
     NICHE_FEATURES_PREFIX: str = "X_he_niche_"  # obsm: frozen niche-tile features X_he_niche_<encoder>, uns: provenance (STAlign)

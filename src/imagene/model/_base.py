@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -26,16 +26,15 @@ from imagene._validate import (
     ddp_world_size,
     feature_provenance,
 )
-
-if TYPE_CHECKING:
-    pass
+from imagene.model._reference import ReferenceBankMixin, _format_prediction  # noqa: F401 (used by the models)
+from imagene.model._saving import load_model
 
 logger = logging.getLogger("imagene")
 
 Modality = Literal["image", "gene", "joint"]
 
 
-class AlignmentMixin:
+class AlignmentMixin(ReferenceBankMixin):
     """Inference shared by the alignment models (mixed into a scvi-tools ``BaseModelClass``).
 
     Query data only needs what a modality uses: ``obsm[image_key]`` for the image side, the
@@ -331,182 +330,6 @@ class AlignmentMixin:
         adata = self._query(adata)
         return self._embed(adata, modality, indices, batch_size)
 
-    # ---- query-reference prediction (UMPIRE / BLEEP style)
-    def _build_reference(self, batch_size: int = 512) -> None:
-        """Store the training spots' gene embeddings and log-normalised expression (saved with the model)."""
-        self.reference_latent_ = self._embed(self.adata, "gene", None, batch_size).astype(np.float32)
-        self._set_reference_counts(self._gene_input(self.adata))
-        self._store_similarity_threshold(batch_size)
-
-    def _set_reference_counts(self, counts: sp.spmatrix) -> None:
-        """Store the reference spots' counts compactly (saved with the model; the expression derives from them)."""
-        self.reference_counts_ = compact_counts(counts)
-        self._reference_expression = None
-
-    @property
-    def reference_expression(self) -> sp.csr_matrix | None:
-        """Log-normalised expression (log1p CP10k) of the reference spots, (n_reference, n_genes) CSR."""
-        if getattr(self, "_reference_expression", None) is None:
-            stored = getattr(self, "reference_counts_", None)
-            if stored is None:  # a model saved before the compact bank
-                return self.__dict__.get("reference_expression_")
-            self._reference_expression = log_normalize_sparse(expand_counts(stored))
-        return self._reference_expression
-
-    def _store_similarity_threshold(self, batch_size: int = 512, *, exclude_self: bool = False) -> None:
-        """1st percentile of the training spots' best image-to-bank similarity (saved; the OOD threshold).
-
-        ``exclude_self``: the bank holds the training spots' own image embeddings, so each spot's
-        best match is itself; the second best is used.
-        """
-        z = torch.as_tensor(self._embed(self.adata, "image", None, batch_size))
-        bank = torch.as_tensor(self.reference_latent_)
-        j = 1 if exclude_self and bank.shape[0] > 1 else 0
-        best = torch.cat(
-            [(z[s : s + 1024] @ bank.T).topk(j + 1, dim=1).values[:, j] for s in range(0, z.shape[0], 1024)]
-        )
-        self.ood_similarity_threshold_ = float(np.quantile(best.numpy(), 0.01))
-
-    @torch.inference_mode()
-    def _predict_reference(
-        self,
-        adata: AnnData,
-        indices: Sequence[int] | None,
-        *,
-        k: int,
-        weighting: str,
-        cols: np.ndarray,
-        batch_size: int,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Query-reference retrieval: (prediction, weighted spread of the neighbours, best similarity)."""
-        self._check_trained()
-        if adata is not None:
-            check_adata(adata)
-            check_unique_obs_names(adata)
-        if getattr(self, "reference_latent_", None) is None:
-            raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
-        if weighting not in ("similarity", "softmax", "uniform"):
-            raise ValueError(f"weighting must be 'similarity', 'softmax' or 'uniform'; got {weighting!r}.")
-        k = int(min(k, self.reference_latent_.shape[0]))
-        if k < 1:
-            raise ValueError(f"k must be >= 1; got {k}.")
-        z_q = torch.as_tensor(self.get_latent_representation(adata, indices, batch_size, modality="image"))
-        bank = torch.as_tensor(self.reference_latent_)
-        ref = sp.csr_matrix(self.reference_expression[:, cols], dtype=np.float32)
-        ref_sq = ref.multiply(ref).tocsr()
-        scale = float(self.module.logit_scale().detach().cpu())
-        preds, sds, best = [], [], []
-        for start in range(0, z_q.shape[0], batch_size):
-            sim = z_q[start : start + batch_size] @ bank.T
-            top, pos = sim.topk(k, dim=1)
-            if weighting == "similarity":
-                w = top.clamp(min=0)
-                w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
-            elif weighting == "softmax":
-                w = torch.softmax(top * scale, dim=1)
-            else:
-                w = torch.ones_like(top)
-            w = (w / w.sum(1, keepdim=True)).numpy().astype(np.float64)
-            n_q = w.shape[0]
-            weights = sp.csr_matrix(
-                (w.ravel(), pos.numpy().ravel(), np.arange(0, n_q * k + 1, k)), shape=(n_q, ref.shape[0])
-            )
-            mean = np.asarray((weights @ ref).todense())
-            second = np.asarray((weights @ ref_sq).todense())
-            preds.append(mean.astype(np.float32))
-            sds.append(np.sqrt(np.clip(second - mean**2, 0, None)).astype(np.float32))
-            best.append(top[:, 0].numpy().astype(np.float32))
-        if not preds:
-            empty = np.zeros((0, len(cols)), np.float32)
-            return empty, empty.copy(), np.zeros(0, np.float32)
-        return np.concatenate(preds), np.concatenate(sds), np.concatenate(best)
-
-    def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
-        """Prediction, spread and best reference similarity of every spot of ``adata`` (see tl.predict_expression)."""
-        cols = self._gene_columns(genes)
-        kwargs.setdefault("k", 50)
-        kwargs.setdefault("weighting", "similarity")
-        kwargs.setdefault("batch_size", 512)
-        pred, sd, best = self._predict_reference(adata, None, cols=cols, **kwargs)
-        return {"pred": pred, "sd": sd, "similarity": best}
-
-    @torch.inference_mode()
-    def reference_similarity(self, adata: AnnData | None = None, batch_size: int = 512) -> np.ndarray:
-        """Best cosine similarity of each spot's image embedding to the reference bank (n_obs,).
-
-        Spots below ``ood_similarity_threshold_`` (the 1st percentile over the training spots,
-        saved with the model) are unlike every training spot: :func:`imagene.tl.predict_expression`
-        flags them in ``obs``.
-        """
-        adata = self._query(adata)
-        if getattr(self, "reference_latent_", None) is None:
-            raise RuntimeError("The model has no reference bank; train it (or load a trained model) first.")
-        z = torch.as_tensor(self.get_latent_representation(adata, None, batch_size, modality="image"))
-        bank = torch.as_tensor(self.reference_latent_)
-        return torch.cat([(z[s : s + 1024] @ bank.T).max(1).values for s in range(0, z.shape[0], 1024)]).numpy()
-
-    def _gene_columns(self, gene_list: Sequence[str] | None) -> np.ndarray:
-        genes = self.gene_names
-        if gene_list is None:
-            return np.arange(len(genes))
-        pos = genes.get_indexer(pd.Index(gene_list))
-        if (pos < 0).any():
-            unknown = pd.Index(gene_list)[pos < 0][:10].tolist()
-            raise KeyError(f"Genes not known to the model: {unknown}. Use genes from `model.gene_names`.")
-        return pos
-
-    def predict_expression(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        k: int = 50,
-        weighting: Literal["similarity", "softmax", "uniform"] = "similarity",
-        gene_list: Sequence[str] | None = None,
-        batch_size: int = 512,
-        return_numpy: bool = False,
-        return_sd: bool = False,
-    ) -> pd.DataFrame | np.ndarray | tuple:
-        """Predict expression from the image alone by query-reference retrieval.
-
-        Each query spot's image embedding is compared (cosine) with the gene embeddings of the
-        reference bank (the training spots, stored with the model); the prediction is the
-        weighted mean of the log-normalised expression (``log1p`` of counts per 10k) of the ``k``
-        most similar reference spots, and its spread (``return_sd``) the weighted standard
-        deviation of those ``k`` references.
-
-        Parameters
-        ----------
-        adata
-            Query with ``obsm[image_key]`` (no expression needed, any genes); the training AnnData when ``None``.
-        indices
-            Subset of query observations.
-        k
-            Number of reference neighbours.
-        weighting
-            ``'similarity'`` (weights ∝ positive cosine similarity), ``'softmax'`` (the model's own
-            temperature) or ``'uniform'``.
-        gene_list
-            Genes to return (default: all of the model's genes, ``model.gene_names``).
-        batch_size
-            Query spots per step.
-        return_numpy
-            Return arrays instead of DataFrames.
-        return_sd
-            Also return the per-spot, per-gene spread.
-
-        Returns
-        -------
-        (n_obs, n_genes) log-normalised predictions as a DataFrame (obs names × genes) or array;
-        with ``return_sd``, a tuple ``(prediction, sd)``.
-        """
-        adata = self._query(adata)
-        cols = self._gene_columns(gene_list)
-        pred, sd, _ = self._predict_reference(
-            adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size
-        )
-        return _format_prediction(self, adata, indices, cols, pred, sd if return_sd else None, return_numpy)
-
     # ---- persistence
     @classmethod
     def load(
@@ -549,11 +372,6 @@ class AlignmentMixin:
         """
         check_model_dir(dir_path)
         return load_model(cls, dir_path, adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs)
-
-
-def default_latent_key(modality: str) -> str:
-    """``obsm`` key where :func:`imagene.tl.embed` writes a modality's latent."""
-    return f"{KEYS.LATENT_PREFIX}{modality}"
 
 
 def resolve_query(model: Any, adata: AnnData | None) -> AnnData:
@@ -603,93 +421,6 @@ def tile_settings(adata: AnnData, image_key: str | None) -> dict[str, Any]:
     return out
 
 
-def _format_prediction(model, adata, indices, cols, pred, sd, return_numpy):
-    if not return_numpy:
-        obs_names = adata.obs_names[np.arange(adata.n_obs) if indices is None else np.asarray(indices)]
-        genes = model.gene_names[cols]
-        pred = pd.DataFrame(pred, index=obs_names, columns=genes)
-        if sd is not None:
-            sd = pd.DataFrame(sd, index=obs_names, columns=genes)
-    return pred if sd is None else (pred, sd)
-
-
-def _has_counts(adata: AnnData, layer: str | None) -> bool:
-    mat = adata.X if layer is None else adata.layers.get(layer) if layer in adata.layers else None
-    if mat is None:
-        return False
-    return bool(mat.nnz > 0) if sp.issparse(mat) else bool(np.any(np.asarray(mat)))
-
-
-def _torch_device(accelerator: str, device: int | str) -> torch.device:
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(f"cuda:{device}" if isinstance(device, int) else "cuda")
-
-
-def load_model(
-    cls: type,
-    dir_path: str | os.PathLike,
-    adata: AnnData | None,
-    *,
-    accelerator: str = "auto",
-    device: int | str = "auto",
-    prefix: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Load a saved imagene model; ``adata`` is registered only when it matches the model (see ``Model.load``)."""
-    from scvi.model.base import BaseModelClass
-
-    path = os.path.join(str(dir_path), f"{prefix or ''}model.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No saved model at {path!r}. Save one with `model.save(dir_path)`.")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    var_names = pd.Index(np.asarray(saved.get("var_names", [])).astype(str))
-    attr = dict(saved["attr_dict"])
-    registry = attr["registry_"]
-    layer = registry.get("setup_args", {}).get("layer")
-    if adata is not None:
-        check_adata(adata)
-        if adata.var_names.equals(var_names) and _has_counts(adata, layer):
-            return BaseModelClass.load.__func__(
-                cls, str(dir_path), adata=adata, accelerator=accelerator, device=device, prefix=prefix, **kwargs
-            )
-        reason = (
-            f"its genes differ from the model's {len(var_names)}" if not adata.var_names.equals(var_names)
-            else f"it has no counts in {'X' if layer is None else f'layers[{layer!r}]'}"
-        )
-        logger.info(
-            "Loading %s without training data: the AnnData passed is not registered (%s). Pass it as the query of "
-            "predict_expression / get_latent_representation; predictions cover the model's %d genes.",
-            cls.__name__, reason, len(var_names),
-        )
-    if "module_args_" not in attr:
-        raise ValueError(
-            f"The model in {str(dir_path)!r} was saved by an older imagene that did not store its module settings; "
-            "load it with its training AnnData (`load(dir_path, adata=training_adata)`) and save it again."
-        )
-    attr.pop("registry_")
-    init_params = attr.pop("init_params_")
-    model = cls.__new__(cls)
-    BaseModelClass.__init__(model, None, registry=registry)
-    margs = attr["module_args_"]
-    model.module = cls._module_cls(*margs["args"], **margs["kwargs"])
-    flat = dict(init_params.get("non_kwargs", {}))
-    for group in init_params.get("kwargs", {}).values():
-        flat.update(group)
-    model._model_summary_string = f"{cls.__name__} (loaded from {str(dir_path)!r} without training data)"
-    if hasattr(model, "_init_without_data"):
-        model._init_without_data(flat)
-    for name, value in attr.items():
-        setattr(model, name, value)
-    model.init_params_ = init_params
-    state = dict(saved["model_state_dict"])
-    state.pop("pyro_param_store", None)  # scvi-tools stores it for every model; no imagene module uses Pyro
-    model.module.load_state_dict(state)
-    model.module.to(_torch_device(accelerator, device))
-    model.module.eval()
-    return model
-
-
 @torch.no_grad()
 def mc_dropout_sd(module: torch.nn.Module, forward: Any, n_samples: int = 16, seed: int = 0) -> np.ndarray:
     """Spread of ``forward()`` over ``n_samples`` passes with the dropout layers of ``module`` active.
@@ -710,34 +441,3 @@ def mc_dropout_sd(module: torch.nn.Module, forward: Any, n_samples: int = 16, se
             m.eval()
         torch.random.set_rng_state(state)
     return draws.std(0).astype(np.float32)
-
-
-def compact_counts(counts: Any) -> dict[str, Any]:
-    """Integer counts as a small CSR record: uint16 values and column indices when they fit (lossless)."""
-    x = sp.csr_matrix(counts, dtype=np.float32)
-    x.sum_duplicates()
-    data = x.data
-    small = data.size == 0 or (np.all(data == np.round(data)) and data.min() >= 0 and data.max() < 2**16)
-    return {
-        "data": data.astype(np.uint16) if small else data,
-        "indices": x.indices.astype(np.uint16 if x.shape[1] < 2**16 else np.int32),
-        "indptr": x.indptr.astype(np.int64),
-        "shape": tuple(int(v) for v in x.shape),
-    }
-
-
-def expand_counts(stored: dict[str, Any]) -> sp.csr_matrix:
-    """The CSR float32 counts of :func:`compact_counts`."""
-    return sp.csr_matrix(
-        (stored["data"].astype(np.float32), stored["indices"].astype(np.int32), stored["indptr"]), shape=stored["shape"]
-    )
-
-
-def log_normalize_sparse(counts: sp.spmatrix, target_sum: float = 1e4) -> sp.csr_matrix:
-    """:func:`imagene._utils.log_normalize` on sparse counts, kept sparse (same float32 values)."""
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    lib = np.asarray(x.sum(1), dtype=np.float32).ravel()
-    lib[lib == 0] = 1.0
-    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-    x.data = np.log1p(x.data / lib[rows] * np.float32(target_sum)).astype(np.float32)
-    return x
