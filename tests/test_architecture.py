@@ -106,3 +106,37 @@ def test_the_checker_sees_a_violation(tmp_path):
     src.write_text("def f():\n    from imagene.model import UMPIRE\n    import imagene as ig\n")
     found = list(_imports(src))
     assert found == [(2, "imagene.model"), (3, "imagene")]
+
+
+def _python_blocks(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_the_add_a_model_example_runs():
+    """The example of docs/architecture.md, verbatim: a model from the shared parts trains, embeds and predicts."""
+    import numpy as np
+
+    import imagene
+
+    model_block, use_block = _python_blocks(SRC.parents[1] / "docs" / "architecture.md")[:2]
+    assert len(model_block.strip().splitlines()) <= 6, "the example stays a five-line model"
+    adata = imagene.datasets.synthetic_he_st(n_obs=240, n_vars=40, n_sections=3, image_px=256, seed=0)
+    imagene.pp.extract_tiles(adata, tile_size_um=24, tile_px=32, show_progress_bar=False)
+    imagene.pp.embed_tiles(adata, encoder="tiny", show_progress_bar=False)
+    adata.obsm["X_he_efficientnet_lite0"] = adata.obsm.pop("X_he_tiny")  # the example's key, tiny features
+    del adata.obsm["imagene_tiles"]
+    query = adata[adata.obs["section"] == "S2"].copy()
+    adata = adata[adata.obs["section"] != "S2"].copy()
+    namespace = {"imagene": imagene, "adata": adata, "query": query}
+    imagene.settings.seed = 0
+    exec(model_block, namespace)  # noqa: S102 - the documented example itself
+    exec(use_block.replace("model.train(max_epochs=5)",  # noqa: S102
+                           "model.train(max_epochs=5, accelerator='cpu', enable_progress_bar=False)"), namespace)
+    model = namespace["model"]
+    assert isinstance(model, imagene.model.AlignmentMixin) and model.is_trained
+    assert model.module.image_tower is not None
+    z = model.get_latent_representation(query, modality="image")
+    assert z.shape == (query.n_obs, 32)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    assert "imagene_predicted" in query.layers and np.isfinite(query.layers["imagene_predicted"]).all()
