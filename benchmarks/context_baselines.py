@@ -72,7 +72,7 @@ def _read_mob(cache: Path):
         keys = _context_section(a, s, image, encoder=ENCODER, tile_px=224, sizes_um=(112.0, 224.0, 448.0),
                                 tta="flips", cache=cache, show_progress_bar=False)
         parts[s] = a
-    adata = ig.io.concat(parts, section_key="section")
+    adata = ig.io.concat(parts, library_key="section")
     ig.pp.niches(adata, n_neighs=6, library_key="section", niche_expression=False)
     ig.pp.context_matrix(adata, keys)
     return adata

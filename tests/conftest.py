@@ -75,7 +75,7 @@ def _build_check_path(data_dir: Path):
         ig.pp.embed_tiles(a, show_progress_bar=False)
         del a.obsm["imagene_tiles"]
         parts[s] = a
-    adata = ig.io.concat(parts, section_key="section")
+    adata = ig.io.concat(parts, library_key="section")
     ig.pp.niches(adata, n_neighs=6, library_key="section")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,7 @@ def test_synthetic_and_concat_keys(syn):
         p.obs = p.obs.drop(columns="section")
         p.uns["spatial"] = {lib: syn.uns["spatial"][lib]}
     copies = {lib: p.copy() for lib, p in parts.items()}
-    out = ig.io.concat(parts, section_key="slide")
+    out = ig.io.concat(parts, library_key="slide")
     assert _keys(out)["obs"] == {"array_x", "array_y", "domain", "slide"}
     assert _keys(out)["uns"] == {"spatial"} and set(out.uns["spatial"]) == {"S0", "S1"}
     assert _keys(out)["layers"] == {"counts"} and _keys(out)["obsm"] == {"spatial"}

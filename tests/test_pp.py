@@ -691,6 +691,22 @@ def test_section_split_errors():
         ig.pp.section_split(a, test_sections=["S1"], validation_sections=["S1", "S2"])
     with pytest.raises(ValueError, match="No training section left"):
         ig.pp.section_split(a, test_sections=["S0", "S1"], validation_sections=["S2"])
-    with pytest.raises(KeyError, match="section_key="):
-        ig.pp.section_split(a, test_sections=["S0"], section_key="slide")
+    with pytest.raises(KeyError, match="library_key="):
+        ig.pp.section_split(a, test_sections=["S0"], library_key="slide")
     assert _state(a) == before
+
+
+def test_section_key_is_the_old_name_of_library_key():
+    """``section_key=`` (io.concat, pp.section_split, tl.linear_probe) still works, with a FutureWarning."""
+    parts = {s: ig.datasets.synthetic_he_st(n_obs=20, n_vars=4, n_sections=1, image_px=64, seed=i)
+             for i, s in enumerate(["A", "B"])}
+    with pytest.warns(FutureWarning, match="library_key"):
+        old = ig.io.concat(parts, section_key="slide")
+    new = ig.io.concat(parts, library_key="slide")
+    assert list(old.obs["slide"]) == list(new.obs["slide"]) == ["A"] * 20 + ["B"] * 20
+    with pytest.warns(FutureWarning, match="library_key"):
+        ig.pp.section_split(old, test_sections=["B"], section_key="slide")
+    ig.pp.section_split(new, test_sections=["B"], library_key="slide")
+    assert old.obs["imagene_split"].tolist() == new.obs["imagene_split"].tolist() == ["train"] * 20 + ["test"] * 20
+    with pytest.raises(TypeError, match="pass only `library_key=`"):
+        ig.io.concat(parts, library_key="slide", section_key="other")

@@ -252,7 +252,7 @@ def join_sections(adatas: Mapping[str, AnnData]) -> AnnData:
     for a in adatas.values():
         if has_labels and "label" not in a.obs:
             a.obs["label"] = np.nan
-    adata = concat(dict(adatas), section_key=KEYS.SECTION)
+    adata = concat(dict(adatas), library_key=KEYS.SECTION)
     adata.obs["patient"] = pd.Categorical(adata.obs["patient"].astype(str),
                                           categories=list(dict.fromkeys(adata.obs["patient"].astype(str))))
     if has_labels:

@@ -197,7 +197,7 @@ def synthetic_he_st(
             }
         }
         adatas[lib] = a
-    adata = concat(adatas, section_key=KEYS.SECTION)
+    adata = concat(adatas, library_key=KEYS.SECTION)
     adata.var["marker_of"] = var["marker_of"].reindex(adata.var_names)
     logger.info("Made a synthetic H&E + ST dataset: %d spots, %d genes, %d sections, %d domains.",
                 adata.n_obs, adata.n_vars, n_sections, n_domains)

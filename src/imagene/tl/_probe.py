@@ -14,6 +14,7 @@ from anndata import AnnData
 from imagene._constants import KEYS
 from imagene._settings import settings
 from imagene._utils import check_adata, check_obsm
+from imagene._validate import renamed_kwarg
 
 logger = logging.getLogger("imagene")
 
@@ -32,7 +33,7 @@ def linear_probe(
     obsm_key: str,
     label_key: str,
     *,
-    section_key: str = KEYS.SECTION,
+    library_key: str | None = None,
     split: str = "auto",
     n_blocks: int = 5,
     spatial_key: str = KEYS.SPATIAL,
@@ -40,6 +41,7 @@ def linear_probe(
     C: float = 1.0,
     max_iter: int = 2000,
     seed: int | None = None,
+    section_key: str | None = None,
 ) -> pd.DataFrame:
     """Linear probe of an embedding: logistic regression on held-out sections or spatial blocks.
 
@@ -63,8 +65,8 @@ def linear_probe(
         Embedding to probe (e.g. ``'X_imagene_image'`` or frozen features ``'X_he_efficientnet_lite0'``).
     label_key
         ``obs`` column of reference labels (e.g. pathologist regions).
-    section_key
-        ``obs`` column of sections (a single section is assumed when it is missing).
+    library_key
+        ``obs`` column of sections (default ``'section'``) (a single section is assumed when it is missing).
     split
         ``'auto'``, ``'section'`` or ``'spatial_blocks'``.
     n_blocks
@@ -79,6 +81,8 @@ def linear_probe(
         Iterations of the solver.
     seed
         Seed of the block assignment (default: ``imagene.settings.seed`` or 0).
+    section_key
+        Old name of ``library_key`` (deprecated).
 
     Returns
     -------
@@ -96,6 +100,8 @@ def linear_probe(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    library_key = renamed_kwarg("library_key", library_key, "section_key", section_key, where="imagene.tl.linear_probe")
+    library_key = KEYS.SECTION if library_key is None else library_key
     check_adata(adata)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}.")
@@ -109,8 +115,8 @@ def linear_probe(
     labels = adata.obs[label_key]
     usable = (labels.notna() & ~labels.astype(str).isin(list(ignore_labels))).to_numpy()
     y = labels.astype(str).to_numpy()
-    if section_key in adata.obs:
-        sections = adata.obs[section_key].astype(str).to_numpy()
+    if library_key in adata.obs:
+        sections = adata.obs[library_key].astype(str).to_numpy()
     else:
         sections = np.full(adata.n_obs, "section")
     labelled = [s for s in pd.unique(sections) if np.unique(y[usable & (sections == s)]).size >= 2]
