@@ -55,7 +55,7 @@ def _train(name: str, a: ad.AnnData):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "UMPIRE":
-            ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+            ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
             m = ig.model.UMPIRE(a, n_hidden=32, n_latent=16, dropout=0.1)
             m.train(max_epochs=3, batch_size=64, **FAST)
         elif name == "STAlign":
@@ -129,7 +129,7 @@ def real(_check_path_adata, tmp_path_factory):
     genes = train.var_names[np.argsort(-mean)[:200]]
     train = train[:, genes].copy()
     ig.settings.seed = 0
-    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section")
     model = ig.model.UMPIRE(train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

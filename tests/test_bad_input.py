@@ -237,7 +237,7 @@ def _umpire_setup(c, **setup):
 
 
 def _train(c, **kw):
-    a = _umpire_setup(c, batch_key="section")
+    a = _umpire_setup(c, library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=16, n_latent=8)
     before = snapshot(a)
 
@@ -294,7 +294,7 @@ def _tiny_validation(c):
     keep = (a.obs["section"] == "S0").to_numpy()
     keep[np.flatnonzero(~keep)[0]] = True  # one spot of S1
     a = a[keep].copy()
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=16, n_latent=8)
     c.before_override = snapshot(a)
     return (lambda: m.train(max_epochs=1, batch_size=32, **FAST)), [a]
@@ -434,7 +434,7 @@ def _no_shared_genes(c):
 
 
 def _unknown_validation(c):
-    a = _umpire_setup(c, batch_key="section")
+    a = _umpire_setup(c, library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=16, n_latent=8)
     c.before_override = snapshot(a)
     return (lambda: m.train(max_epochs=1, validation_sections=["S9"], **FAST)), [a]

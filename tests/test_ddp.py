@@ -27,7 +27,7 @@ def data():
 def _umpire(data, **train):
     a = data.copy()
     ig.settings.seed = 0
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=16, n_latent=8)
     m.train(max_epochs=3, batch_size=32, early_stopping=False, restore_best_weights=False, **train)
     return m

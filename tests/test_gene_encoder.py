@@ -204,7 +204,7 @@ def umpire_data():
     ig.pp.extract_tiles(a, tile_size_um=24, tile_px=32, show_progress_bar=False)
     ig.pp.embed_tiles(a, encoder="tiny", show_progress_bar=False)
     del a.obsm["imagene_tiles"]
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     return a
 
 

@@ -91,7 +91,7 @@ def featured(syn) -> AnnData:
 @pytest.fixture(scope="module")
 def trained(featured):
     a = featured.copy()
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=32, n_latent=16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's notes about tiny data
@@ -253,11 +253,11 @@ def test_section_split_keys(syn):
 # ---------------------------------------------------------------------------------- model / tl writers
 
 
-@pytest.mark.parametrize("batch_key", ["section", None])
-def test_setup_anndata_adds_nothing_but_scvi_registration(featured, batch_key):
+@pytest.mark.parametrize("library_key", ["section", None])
+def test_setup_anndata_adds_nothing_but_scvi_registration(featured, library_key):
     """scvi-tools registration adds two uns uuids and obs['_scvi_batch'] (documented), nothing else."""
     a = featured.copy()
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key=batch_key)
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key=library_key)
     assert _added(featured, a) == {"uns": {"_scvi_uuid", "_scvi_manager_uuid"}, "obs": {"_scvi_batch"}}
 
 

@@ -30,7 +30,7 @@ def synthetic():
 def trained(synthetic):
     a = synthetic[synthetic.obs["section"] != "S2"].copy()
     ig.settings.seed = 0
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     m = ig.model.UMPIRE(a, n_hidden=64, n_latent=16, dropout=0.1)
     m.train(max_epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4, early_stopping_patience=30, **FAST)
     return m, a, synthetic[synthetic.obs["section"] == "S2"].copy()
@@ -169,7 +169,7 @@ def test_setup_anndata_errors_leave_adata_unchanged(synthetic):
     with pytest.raises(KeyError, match="embed_tiles"):
         ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_missing")
     with pytest.raises(KeyError, match="section_typo"):
-        ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section_typo")
+        ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section_typo")
     b = a.copy()
     b.layers["lognorm"] = sp.csr_matrix(log_normalize(b.layers["counts"]))
     with pytest.raises(ValueError, match="non-integer"):
@@ -198,7 +198,7 @@ def test_trainable_backbone_on_tiles(synthetic):
     with pytest.raises(ValueError, match="image_encoder"):
         ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="imagene_tiles")
         ig.model.UMPIRE(a)
-    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="imagene_tiles", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(a, layer="counts", image_key="imagene_tiles", library_key="section")
     m = ig.model.UMPIRE(a, image_encoder="small_cnn", freeze_image_encoder=False, n_hidden=32, n_latent=8)
     before = {k: v.clone() for k, v in m.module.image_tower.backbone.state_dict().items() if v.is_floating_point()}
     m.train(max_epochs=2, batch_size=64, **FAST)
@@ -206,3 +206,18 @@ def test_trainable_backbone_on_tiles(synthetic):
     assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
     z = m.get_latent_representation(modality="image")
     assert z.shape == (a.n_obs, 8) and np.isfinite(z).all()
+
+
+def test_batch_key_is_the_old_name_of_library_key(synthetic):
+    """``setup_anndata(batch_key=...)`` registers the same sections as ``library_key=``, with a FutureWarning."""
+    old, new = synthetic.copy(), synthetic.copy()
+    with pytest.warns(FutureWarning, match="`batch_key=` of UMPIRE.setup_anndata is renamed `library_key=`"):
+        ig.model.UMPIRE.setup_anndata(old, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.UMPIRE.setup_anndata(new, layer="counts", image_key="X_he_tiny", library_key="section")
+    m_old, m_new = ig.model.UMPIRE(old), ig.model.UMPIRE(new)
+    assert m_old.library_key == m_new.library_key == "section"
+    np.testing.assert_array_equal(old.obs["_scvi_batch"], new.obs["_scvi_batch"])
+    assert old.obs["_scvi_batch"].nunique() == 3
+    with pytest.raises(TypeError, match="pass only `library_key=`"):
+        ig.model.UMPIRE.setup_anndata(new, layer="counts", image_key="X_he_tiny", library_key="section",
+                                      batch_key="other")

@@ -149,7 +149,7 @@ def run_demo(
     test = adata[~is_train].copy()
 
     t = time.perf_counter()
-    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key=image_key, batch_key="section")
+    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key=image_key, library_key="section")
     model = ig.model.UMPIRE(train)
     model.train(max_epochs=max_epochs, enable_progress_bar=show_progress_bar)
     timings["train_s"] = time.perf_counter() - t
