@@ -132,7 +132,7 @@ def synthetic():
 def trained(synthetic):
     a = synthetic[synthetic.obs["section"] != "S2"].copy()
     ig.settings.seed = 0
-    ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section", **SETUP)
+    ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section", **SETUP)
     m = ig.model.STAlign(a, **SMALL)
     m.train(max_epochs=25, batch_size=32, lr=3e-3, early_stopping=False, probe_epochs=40, **FAST)
     return m, a, synthetic[synthetic.obs["section"] == "S2"].copy()
@@ -284,13 +284,27 @@ def test_without_image_adaptive_encoders_need_one_and_the_fallback_works(synthet
     assert np.isfinite(m.get_latent_representation()).all()
 
 
+def test_batch_key_is_the_old_name_of_library_key(synthetic):
+    a = synthetic[synthetic.obs["section"] != "S2"].copy()
+    b = a.copy()
+    ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section", **SETUP)
+    with pytest.warns(FutureWarning, match="library_key"):
+        ig.model.STAlign.setup_anndata(b, layer="counts", image_key="X_he_tiny", batch_key="section", **SETUP)
+    ma, mb = ig.model.STAlign(a, **SMALL), ig.model.STAlign(b, **SMALL)
+    assert ma.library_key == mb.library_key == "section"
+    assert ma._setup_args == mb._setup_args
+    np.testing.assert_array_equal(a.obs["_scvi_batch"], b.obs["_scvi_batch"])
+    for key in ("imagene_spot_tiles", "X_he_niche_tiny"):
+        np.testing.assert_array_equal(a.obsm[key], b.obsm[key])
+
+
 def test_setup_errors_leave_adata_unchanged(synthetic):
     a = synthetic.copy()
     before = (set(a.obsm), set(a.obsp), set(a.layers), set(a.uns))
     with pytest.raises(KeyError, match="embed_tiles"):
         ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_missing", **SETUP)
     with pytest.raises(KeyError, match="library_key"):
-        ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="nope", **SETUP)
+        ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="nope", **SETUP)
     with pytest.raises(ValueError, match="view"):
         ig.model.STAlign.setup_anndata(a[:50], layer="counts", image_key="X_he_tiny", **SETUP)
     assert (set(a.obsm), set(a.obsp), set(a.layers), set(a.uns)) == before

@@ -10,8 +10,9 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from imagene._constants import REGISTRY_KEYS
-from imagene.nn import MLP, GeneMLPEncoder, LogitScale, get_image_encoder, info_nce
-from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
+from imagene.nn import (
+    ABFN, MLP, ConcatFusion, GeneMLPEncoder, LogitScale, NicheGeneTransformer, get_image_encoder, info_nce,
+)
 
 
 class _FeatureHead(nn.Module):
@@ -198,6 +199,41 @@ class STAlignModule(BaseModuleClass):
             [F.normalize(self.encode_image(spot_image), dim=-1), F.normalize(self.encode_niche_image(niche_image), dim=-1)],
             dim=-1,
         )
+
+    def embed(
+        self,
+        modality: str,
+        spot_image: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
+        niche_image: torch.Tensor | None = None,
+        niche_x: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One embedding of a batch: L2-normalised ``'image'``, ``'gene'``, ``'fused'``, ``'niche'`` or
+        ``'joint'`` (normalised sum of image and gene), or ``'probe'`` (:meth:`image_probe_input`)."""
+        if modality == "probe":
+            return self.image_probe_input(spot_image, niche_image)
+        if modality == "image":
+            z = self.encode_image(spot_image)
+        elif modality == "gene":
+            z = self.encode_gene(x)
+        elif modality == "fused":
+            z = self.fuse(self.encode_image(spot_image), self.encode_gene(x))
+        elif modality == "niche":
+            z = self.fuse(self.encode_niche_image(niche_image), self.encode_niche_gene(niche_x))
+        elif modality == "joint":
+            z = F.normalize(self.encode_image(spot_image), dim=-1) + F.normalize(self.encode_gene(x), dim=-1)
+        else:
+            raise ValueError(f"Unknown modality {modality!r}.")
+        return F.normalize(z, dim=-1)
+
+    def predict_probe(self, probe_input: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Expression of the probe (clamped at 0), on CPU, from :meth:`image_probe_input` rows (at least one), in batches."""
+        device = next(self.parameters()).device
+        with torch.inference_mode():
+            return torch.cat([
+                self.probe(probe_input[s : s + batch_size].to(device)).clamp(min=0).float().cpu()
+                for s in range(0, probe_input.shape[0], batch_size)
+            ])
 
     # ---- scvi-tools module contract
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

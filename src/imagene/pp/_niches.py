@@ -18,7 +18,23 @@ logger = logging.getLogger("imagene")
 
 
 def niche_mean_operator(connectivities: sp.spmatrix) -> sp.csr_matrix:
-    """Row-normalised (A + I): multiplying by it averages each spot with its neighbours."""
+    """Row-normalised ``(A + I)`` of a niche graph: multiplying by it averages each spot with its neighbours.
+
+    Parameters
+    ----------
+    connectivities
+        ``(n, n)`` niche graph (any non-zero entry is an edge), e.g.
+        ``obsp["imagene_niche_connectivities"]`` of :func:`imagene.pp.niches`.
+
+    Returns
+    -------
+    ``(n, n)`` float32 CSR operator; ``op @ counts`` is the niche mean of ``counts``.
+
+    Examples
+    --------
+    >>> op = imagene.pp.niche_mean_operator(adata.obsp["imagene_niche_connectivities"])
+    >>> niche_counts = op @ adata.layers["counts"]
+    """
     a = (sp.csr_matrix(connectivities) > 0).astype(np.float32)
     a = a + sp.eye(a.shape[0], dtype=np.float32, format="csr")
     a.data[:] = 1.0
