@@ -67,7 +67,7 @@ def _train(name: str, a: ad.AnnData):
             m.train(max_epochs=2, batch_size=32, early_stopping=False, probe_epochs=3, **FAST)
         elif name == "SIGMMA":
             ig.model.SIGMMA.setup_anndata(
-                a, layer="counts", image_key=None, batch_key="section", encoder="tiny", crop_px=16, tile_size_um=70
+                a, layer="counts", image_key=None, library_key="section", encoder="tiny", crop_px=16, tile_size_um=70
             )
             m = ig.model.SIGMMA(a, n_latent=16, n_hidden=32)
             m.train(max_epochs=2, batch_size=8, early_stopping=False, **FAST)

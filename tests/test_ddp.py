@@ -66,7 +66,7 @@ def _other(name, data):
                                        spot_tile_size_um=24, spot_tile_px=16, niche_encoder="tiny", niche_tile_px=16)
         return ig.model.STAlign(a, n_latent=16, n_hidden=16), {"batch_size": 32, "probe_epochs": 1}
     if name == "SIGMMA":
-        ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, batch_key="section", encoder="tiny",
+        ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, library_key="section", encoder="tiny",
                                       crop_px=16, tile_size_um=70)
         return ig.model.SIGMMA(a, n_latent=8, n_hidden=16), {"batch_size": 4}
     a.varm["gene_vec"] = np.random.default_rng(1).normal(size=(a.n_vars, 16)).astype(np.float32)

@@ -18,7 +18,7 @@ import imagene
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 #: public subpackages whose every ``__all__`` name must be on the API page
-SUBPACKAGES = ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "module", "train", "bench")
+SUBPACKAGES = ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "data", "module", "train", "bench")
 
 _BLOCK = re.compile(r"```\{eval-rst\}\n(.*?)```", re.S)
 

@@ -67,7 +67,7 @@ def test_api_pages_cover_every_public_name(built):
     import imagene
 
     missing = []
-    for sub in ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "module", "train", "bench"):
+    for sub in ("io", "pp", "tl", "pl", "model", "metrics", "datasets", "nn", "data", "module", "train", "bench"):
         mod = importlib.import_module(f"imagene.{sub}")
         for name in mod.__all__:
             if not (html / "generated" / f"imagene.{sub}.{name}.html").is_file():

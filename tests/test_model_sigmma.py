@@ -37,7 +37,7 @@ def trained(synthetic):
     ig.settings.seed = 0
     # 70 µm tiles of 2 spot pitches: ~20 tiles per section, enough InfoNCE negatives
     ig.model.SIGMMA.setup_anndata(
-        a, layer="counts", image_key=None, batch_key="section", encoder="tiny", crop_px=16, tile_size_um=70
+        a, layer="counts", image_key=None, library_key="section", encoder="tiny", crop_px=16, tile_size_um=70
     )
     m = ig.model.SIGMMA(a, n_latent=16, n_hidden=32, dropout=0.1)
     m.train(max_epochs=20, batch_size=8, lr=3e-3, early_stopping=False, **FAST)
@@ -92,6 +92,35 @@ def test_embed_tile_crops_missing_image_names_the_fix(synthetic):
     with pytest.raises((KeyError, ValueError, FileNotFoundError), match="source_image_path|image="):
         ig.pp.embed_tile_crops(a, encoder="tiny", input_px=16)
     assert KEYS.TILE_CROPS not in a.uns
+
+
+def test_prepare_tile_graphs_builds_once_then_reuses_and_copy_writes_nothing(synthetic, caplog):
+    import logging
+
+    a = synthetic[synthetic.obs["section"] == "S0"].copy()
+    before = (set(a.obs), set(a.obsm), set(a.obsp), set(a.uns))
+    light = ig.pp.prepare_tile_graphs(a, tile_size_um=70, library_key="section", encoder="tiny", input_px=16, copy=True)
+    assert (set(a.obs), set(a.obsm), set(a.obsp), set(a.uns)) == before  # copy=True: nothing written into a
+    assert light is not a and KEYS.TILE_CROPS in light.uns and f"{G}_tile" in light.obs
+    with caplog.at_level(logging.INFO, logger="imagene"):
+        assert ig.pp.prepare_tile_graphs(a, tile_size_um=70, library_key="section", encoder="tiny", input_px=16) is None
+    added = {r.getMessage() for r in caplog.records if r.getMessage().startswith("Adding")}
+    for key in (f"obs['{G}_tile']", f"obsm['{G}_blocks']", f"obsp['{G}_connectivities']", f"obsp['{G}_distances']",
+                f"uns['{G}']", f"uns['{KEYS.TILE_CROPS}']"):
+        assert f"Adding `adata.{key}`" in added, added  # every key it adds is logged
+    np.testing.assert_array_equal(light.obs[f"{G}_tile"].to_numpy(), a.obs[f"{G}_tile"].to_numpy())
+    np.testing.assert_array_equal(light.uns[KEYS.TILE_CROPS]["features"]["4"], a.uns[KEYS.TILE_CROPS]["features"]["4"])
+    # consistent inputs are reused: nothing is recomputed, and copy=True returns the AnnData itself
+    feats = a.uns[KEYS.TILE_CROPS]["features"]["4"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="imagene"):
+        ig.pp.prepare_tile_graphs(a, tile_size_um=70, library_key="section", encoder="tiny", input_px=16)
+        assert ig.pp.prepare_tile_graphs(a, encoder="tiny", input_px=16, copy=True) is a
+    assert not [r for r in caplog.records if r.getMessage().startswith("Adding")]
+    assert a.uns[KEYS.TILE_CROPS]["features"]["4"] is feats
+    # other crop settings: only the crops are recomputed
+    ig.pp.prepare_tile_graphs(a, tile_size_um=70, library_key="section", encoder="tiny", input_px=24)
+    assert a.uns[KEYS.TILE_CROPS]["input_px"] == 24
 
 
 # ------------------------------------------------------------------ the Gumbel edge sampler
@@ -180,9 +209,14 @@ def test_per_scale_latents_shapes_finite_and_obsm(trained):
     keys = set(held.obsm) | set(held.uns)
     z = m.get_latent_representation(held, modality="image", scale="meso")
     assert z.shape == (held.n_obs, 16) and np.isfinite(z).all() and (set(held.obsm) | set(held.uns)) == keys
-    m.embed_scales(held, modality="gene")
+    for s in SCALES:  # one obsm key per scale through the one embedding tool
+        ig.tl.embed(m, held, modality="gene", scale=s, key_added=f"X_gene_{s}")
+        np.testing.assert_array_equal(held.obsm[f"X_gene_{s}"], m.get_latent_representation(held, modality="gene", scale=s))
+    with pytest.warns(FutureWarning, match="tl.embed"):  # the old method: a deprecated alias writing the same keys
+        m.embed_scales(held, modality="gene")
     for s in (*SCALES, "all"):
         assert held.obsm[f"X_imagene_sigmma_gene_{s}"].shape[0] == held.n_obs
+    np.testing.assert_array_equal(held.obsm["X_imagene_sigmma_gene_micro"], held.obsm["X_gene_micro"])
     with pytest.raises(ValueError, match="scale"):
         m.get_latent_representation(scale="nano")
     h = m.history["train_loss"]["train_loss"].to_numpy()
@@ -229,7 +263,7 @@ def test_save_load_round_trip(trained, tmp_path):
 )
 def test_ablations_train_and_embed(synthetic, kwargs, n_scales):
     a = synthetic[synthetic.obs["section"] != "S2"].copy()
-    ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, batch_key="section", encoder="tiny", crop_px=16)
+    ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, library_key="section", encoder="tiny", crop_px=16)
     m = ig.model.SIGMMA(a, n_latent=8, n_hidden=16, **kwargs)
     m.train(max_epochs=2, batch_size=8, early_stopping=False, **FAST)
     z = m.get_latent_representation(modality="image")
@@ -253,8 +287,32 @@ def test_setup_errors_do_not_touch_adata(synthetic):
     with pytest.raises(KeyError, match="image_key=None"):
         ig.model.SIGMMA.setup_anndata(a, image_key="X_missing")
     with pytest.raises(KeyError, match="library_key"):
-        ig.model.SIGMMA.setup_anndata(a, image_key=None, batch_key="nope")
+        ig.model.SIGMMA.setup_anndata(a, image_key=None, library_key="nope")
+    with pytest.raises(TypeError, match="renamed"):
+        ig.model.SIGMMA.setup_anndata(a, image_key=None, library_key="section", batch_key="other")
     assert (set(a.obs), set(a.obsm), set(a.uns)) == before
+
+
+def test_batch_key_is_the_old_name_of_library_key(synthetic):
+    import warnings
+
+    got = {}
+    for kw in ("library_key", "batch_key"):
+        a = synthetic[synthetic.obs["section"] != "S2"].copy()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ig.model.SIGMMA.setup_anndata(
+                a, layer="counts", image_key=None, encoder="tiny", crop_px=16, tile_size_um=70, **{kw: "section"}
+            )
+        renamed = [w for w in rec if issubclass(w.category, FutureWarning) and "library_key" in str(w.message)]
+        assert len(renamed) == (kw == "batch_key"), [str(w.message) for w in rec]
+        m = ig.model.SIGMMA(a, n_latent=8, n_hidden=16)
+        got[kw] = (m.library_key, m.adata_manager.registry["setup_args"], a.obs["_scvi_batch"].to_numpy(),
+                   a.obs[f"{G}_tile"].to_numpy())
+    (lk, args, codes, tiles), (lk2, args2, codes2, tiles2) = got["library_key"], got["batch_key"]
+    assert lk == lk2 == "section" and args == args2 and args["batch_key"] is None
+    np.testing.assert_array_equal(codes, codes2)
+    np.testing.assert_array_equal(tiles, tiles2)
 
 
 # ------------------------------------------------------------------ cell level: Xenium-like SpatialData
@@ -320,7 +378,7 @@ def test_checks_path_defaults(check_path_adata):
     adata = check_path_adata
     n = adata.n_obs
     t0 = time.perf_counter()
-    ig.model.SIGMMA.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
+    ig.model.SIGMMA.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section")
     model = ig.model.SIGMMA(adata)
     model.train(max_epochs=5)
     z = model.get_latent_representation()

@@ -51,7 +51,7 @@ def _model(name: str, data):
         ig.model.STAlign.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section", **STALIGN_SETUP)
         return ig.model.STAlign(a, n_latent=16, n_hidden=16), {"batch_size": 32, "probe_epochs": 1}
     if name == "SIGMMA":
-        ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, batch_key="section", encoder="tiny",
+        ig.model.SIGMMA.setup_anndata(a, layer="counts", image_key=None, library_key="section", encoder="tiny",
                                       crop_px=16, tile_size_um=70)
         return ig.model.SIGMMA(a, n_latent=8, n_hidden=16), {"batch_size": 8}
     ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section", nuclei_key=None,

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from imagene._settings import settings
 from imagene._version import __version__
 
-_SUBMODULES = ("bench", "datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
+_SUBMODULES = ("bench", "data", "datasets", "io", "metrics", "model", "module", "nn", "pl", "pp", "tl", "train")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from imagene import bench, datasets, io, metrics, model, module, nn, pl, pp, tl, train  # noqa: F401
+    from imagene import bench, data, datasets, io, metrics, model, module, nn, pl, pp, tl, train  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from anndata import AnnData
@@ -19,171 +17,12 @@ from scvi.model.base import BaseModelClass
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._settings import settings
 from imagene._utils import log_normalize
-from imagene._validate import check_int, check_max_epochs
+from imagene._validate import check_int, check_max_epochs, renamed_kwarg
+from imagene.data import TileGraphData, tile_datamodule
 from imagene.model._base import AlignmentMixin
 from imagene.module._sigmma import SCALES, SIGMMAModule
+from imagene.pp import prepare_tile_graphs
 from imagene.train import ContrastiveTrainingPlan
-
-logger = logging.getLogger("imagene")
-
-Scale = Literal["micro", "meso", "macro", "all"]
-
-
-# ------------------------------------------------------------------------------------------
-# tile graphs of an AnnData, as arrays the module can batch
-# ------------------------------------------------------------------------------------------
-class _TileData:
-    """Per-tile nodes, micro edges, candidate edges and crop features of one AnnData (numpy)."""
-
-    def __init__(
-        self,
-        tile_of: np.ndarray,
-        blocks: np.ndarray,
-        micro: Any,
-        dist: Any,
-        crops: dict[str, np.ndarray] | None,
-        x: np.ndarray | None,
-        n_genes: int,
-    ) -> None:
-        import scipy.sparse as sp
-
-        self.n_obs = len(tile_of)
-        self.n_tiles = int(tile_of.max()) + 1 if len(tile_of) else 0
-        self.tile_of = tile_of.astype(np.int64)
-        self.blocks = blocks.astype(np.int64)
-        self.crops = crops
-        self.x = x
-        self.n_genes = n_genes
-        order = np.argsort(self.tile_of, kind="stable")
-        ptr = np.searchsorted(self.tile_of[order], np.arange(self.n_tiles + 1))
-        self.nodes = [order[ptr[t] : ptr[t + 1]] for t in range(self.n_tiles)]
-        self.node_tiles = [t for t in range(self.n_tiles) if len(self.nodes[t])]
-        m = sp.coo_matrix(micro)
-        d = sp.triu(sp.coo_matrix(dist), k=1).tocoo()
-        i, j = d.row.astype(np.int64), d.col.astype(np.int64)
-        b = self.blocks
-        meso = (b[i, 1] == b[j, 1]) & (b[i, 0] != b[j, 0])  # joins two micro blocks of one meso block
-        macro = (b[i, 1] != b[j, 1]) & (self.tile_of[i] == self.tile_of[j])  # joins two meso blocks of one tile
-        self.micro = self._by_tile(m.row.astype(np.int64), m.col.astype(np.int64))
-        self.cand_meso = self._by_tile(i[meso], j[meso])
-        self.cand_macro = self._by_tile(i[macro], j[macro])
-
-    def _by_tile(self, r: np.ndarray, c: np.ndarray) -> list[np.ndarray]:
-        keep = self.tile_of[r] == self.tile_of[c]
-        r, c = r[keep], c[keep]
-        t = self.tile_of[r]
-        order = np.argsort(t, kind="stable")
-        r, c, t = r[order], c[order], t[order]
-        ptr = np.searchsorted(t, np.arange(self.n_tiles + 1))
-        return [np.stack([r[ptr[k] : ptr[k + 1]], c[ptr[k] : ptr[k + 1]]]) for k in range(self.n_tiles)]
-
-    def collate(self, tiles: Sequence[int], *, with_gene: bool = True, with_image: bool = True) -> dict[str, Any]:
-        tiles = np.asarray(tiles, dtype=np.int64)
-        nodes = np.concatenate([self.nodes[t] for t in tiles])
-        local = np.full(self.n_obs, -1, dtype=np.int64)
-        local[nodes] = np.arange(len(nodes))
-        tile_local = np.repeat(np.arange(len(tiles)), [len(self.nodes[t]) for t in tiles])
-
-        def edges(per_tile: list[np.ndarray]) -> torch.Tensor:
-            e = np.concatenate([per_tile[t] for t in tiles], axis=1) if len(tiles) else np.zeros((2, 0), np.int64)
-            return torch.as_tensor(local[e] if e.size else e.reshape(2, 0), dtype=torch.long)
-
-        out: dict[str, Any] = {
-            "nodes": torch.as_tensor(nodes),
-            "node_tile": torch.as_tensor(tile_local),
-            "blocks": torch.as_tensor(self.blocks[nodes]),
-            "n_tiles": torch.tensor(len(tiles)),
-        }
-        if with_gene:
-            x = self.x[nodes] if self.x is not None else np.zeros((len(nodes), self.n_genes), np.float32)
-            out.update(
-                x=torch.as_tensor(x),
-                micro_edges=edges(self.micro),
-                cand_meso=edges(self.cand_meso),
-                cand_macro=edges(self.cand_macro),
-            )
-        if with_image:
-            out.update({f"crops_{s}": torch.as_tensor(self.crops[str(g)][tiles]) for s, g in zip(SCALES, (4, 2, 1))})
-        return out
-
-    def batches(self, tiles: Sequence[int], max_nodes: int) -> Iterator[list[int]]:
-        """Consecutive groups of whole tiles with at most ``max_nodes`` nodes (one tile at least)."""
-        cur, n = [], 0
-        for t in tiles:
-            k = len(self.nodes[t])
-            if cur and n + k > max_nodes:
-                yield cur
-                cur, n = [], 0
-            cur.append(int(t))
-            n += k
-        if cur:
-            yield cur
-
-
-class _TileBatches(torch.utils.data.Dataset):
-    def __init__(self, data: _TileData, tiles: np.ndarray) -> None:
-        self.data, self.tiles = data, np.asarray(tiles, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, i: int) -> int:
-        return int(self.tiles[i])
-
-
-class _TileBatchSampler(torch.utils.data.Sampler):
-    """Shuffled batches of ``batch_size`` tiles; a last batch smaller than half a batch joins the previous one."""
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool) -> None:
-        self.n, self.batch_size, self.shuffle = n, max(2, int(batch_size)), shuffle
-
-    def _batches(self) -> list[list[int]]:
-        order = torch.randperm(self.n).tolist() if self.shuffle else list(range(self.n))
-        out = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if len(out) > 1 and len(out[-1]) < self.batch_size // 2:
-            last = out.pop()
-            out[-1] = out[-1] + last
-        return out
-
-    def __iter__(self):
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        n_batches = -(-self.n // self.batch_size)
-        last = self.n - (n_batches - 1) * self.batch_size
-        return n_batches - 1 if n_batches > 1 and last < self.batch_size // 2 else n_batches
-
-
-class _TileGraphDataModule(pl.LightningDataModule):
-    """Batches of whole tiles (nodes, edges, crop features) for SIGMMA (module level: picklable for ``ddp_spawn``)."""
-
-    def __init__(self, data: _TileData, train_tiles, val_tiles, batch_size: int, train_idx, val_idx) -> None:
-        super().__init__()
-        self.data, self.train_tiles, self.val_tiles, self.batch_size = data, train_tiles, val_tiles, batch_size
-        self.train_idx, self.val_idx, self.test_idx = train_idx, val_idx, np.array([], dtype=int)
-
-    def _loader(self, tiles, shuffle):
-        from imagene.train import rank_shard
-
-        # under DDP each rank takes its share of the tiles (Lightning cannot shard a batch sampler)
-        trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else 0
-        tiles = np.asarray(tiles)[rank_shard(len(tiles), trainer, equal=shuffle, seed=0 if shuffle else None,
-                                             epoch=epoch)]
-        ds = _TileBatches(self.data, tiles)
-        sampler = _TileBatchSampler(len(ds), self.batch_size, shuffle)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self.data.collate, num_workers=0)
-
-    def train_dataloader(self):
-        return self._loader(self.train_tiles, True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_tiles, False) if len(self.val_tiles) else []
-
-
-def _tile_datamodule(data: _TileData, train_tiles, val_tiles, batch_size: int, train_idx, val_idx):
-    return _TileGraphDataModule(data, train_tiles, val_tiles, batch_size, train_idx, val_idx)
-
 
 # ------------------------------------------------------------------------------------------
 # the model
@@ -228,7 +67,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
 
     Examples
     --------
-    >>> imagene.model.SIGMMA.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
+    >>> imagene.model.SIGMMA.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section")
     >>> model = imagene.model.SIGMMA(adata)
     >>> model.train(max_epochs=100)
     >>> z = model.get_latent_representation(modality="image", scale="macro")
@@ -262,21 +101,14 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             )
         loss_scales = tuple(loss_scales)
         self.module = self._make_module(
-            n_genes=self.summary_stats.n_vars,
-            n_image_features=int(np.asarray(crops["features"]["4"]).shape[-1]),
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            dropout=dropout,
-            temperature=temperature,
-            use_graph=use_graph,
-            stochastic_edges=stochastic_edges,
-            loss_scales=loss_scales,
-            tau=tau,
+            n_genes=self.summary_stats.n_vars, n_image_features=int(np.asarray(crops["features"]["4"]).shape[-1]),
+            n_latent=n_latent, n_hidden=n_hidden, dropout=dropout, temperature=temperature, use_graph=use_graph,
+            stochastic_edges=stochastic_edges, loss_scales=loss_scales, tau=tau,
         )
         self.tile_size_um_ = float(adata.uns[KEYS.TILE_GRAPHS]["tile_size_um"])
         self.reference_latent_ = None
         self.reference_counts_ = None
-        self._cache: dict[Any, _TileData] = {}
+        self._cache: dict[Any, TileGraphData] = {}
         self._model_summary_string = (
             f"SIGMMA: {self.summary_stats.n_vars} genes, {self.tile_size_um_:.0f} µm tiles, n_latent={n_latent} "
             f"per scale, loss scales {loss_scales}, graph={use_graph}, stochastic edges={stochastic_edges}"
@@ -295,18 +127,19 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         layer: str | None = "counts",
         *,
         image_key: str | None = "X_he_efficientnet_lite0",
-        batch_key: str | None = None,
+        library_key: str | None = None,
         tile_size_um: float | None = None,
         n_neighs: int = 8,
         encoder: str = "efficientnet_lite0",
         crop_px: int = 64,
+        batch_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register the inputs, building the tile graphs and their multi-crop features when absent.
 
         When ``adata`` has no tile graphs (:func:`imagene.pp.tile_graphs`) or no multi-crop features
         of ``encoder`` at ``crop_px`` (:func:`imagene.pp.embed_tile_crops`), they are computed here
-        and written to ``adata`` (obs ``imagene_tile_graphs_tile``, obsm ``imagene_tile_graphs_blocks``,
+        by :func:`imagene.pp.prepare_tile_graphs` and written to ``adata`` (obs ``imagene_tile_graphs_tile``, obsm ``imagene_tile_graphs_blocks``,
         obsp ``imagene_tile_graphs_connectivities`` / ``_distances``, uns ``imagene_tile_graphs`` and
         ``imagene_tile_crops``), once. The tiles are cut from the H&E of each section
         (``uns['spatial'][section]['metadata']['source_image_path']``). Like every scvi-tools model it
@@ -322,7 +155,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         image_key
             ``obsm`` key of per-spot frozen features; registered so that one call sets up any imagene
             model, not used by SIGMMA (it embeds its own multi-crop patches). ``None`` to skip.
-        batch_key
+        library_key
             ``obs`` column of sections; tiles never span sections, and ``train`` validates on a
             held-out section.
         tile_size_um
@@ -334,6 +167,8 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             Frozen encoder of the multi-crop patches.
         crop_px
             Pixels per patch given to the encoder.
+        batch_key
+            Old name of ``library_key`` (deprecated).
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
 
@@ -341,59 +176,43 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         -------
         Nothing.
         """
+        library_key = renamed_kwarg("library_key", library_key, "batch_key", batch_key, where="SIGMMA.setup_anndata")
+        batch_key = None
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._check_setup(
-            adata, layer, image_key, batch_key,
+            adata, layer, image_key, library_key,
             image_hint="Pass `image_key=None` (SIGMMA embeds its own tile crops) or the obsm key of your frozen spot "
             "features.",
         )
-        _ensure_tiles(adata, batch_key, tile_size_um, n_neighs, encoder, crop_px, write=True)
+        prepare_tile_graphs(
+            adata, tile_size_um=tile_size_um, library_key=library_key, n_neighs=n_neighs, encoder=encoder,
+            input_px=crop_px,
+        )
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)]
         if image_key is not None:
             fields.append(ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key))
-        fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key))
+        fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key))
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
     # ---- data
-    def _tile_data(self, adata: AnnData, *, need_gene: bool, need_image: bool) -> _TileData:
+    def _tile_data(self, adata: AnnData, *, need_gene: bool, need_image: bool) -> TileGraphData:
         args = self._setup_args
         key = (id(adata), adata.n_obs, need_gene, need_image)
         if adata is self.adata and key in self._cache:
             return self._cache[key]
-        src = _ensure_tiles(
-            adata, args.get("batch_key"), self.tile_size_um_, args.get("n_neighs", 8), args.get("encoder"),
-            args.get("crop_px", 64), write=False, need_image=need_image,
+        src = prepare_tile_graphs(  # a query gets its tiles on a light copy: nothing is written into it
+            adata, tile_size_um=self.tile_size_um_, library_key=self.library_key, n_neighs=args.get("n_neighs", 8),
+            encoder=args.get("encoder"), input_px=args.get("crop_px", 64), crops=need_image, copy=True,
         )
-        g = KEYS.TILE_GRAPHS
-        x = None
-        if need_gene:
-            x = log_normalize(self._gene_input(adata))
-        crops = None
-        if need_image:
-            crops = {k: np.asarray(v, dtype=np.float32) for k, v in src.uns[KEYS.TILE_CROPS]["features"].items()}
-        data = _TileData(
-            np.asarray(src.obs[f"{g}_tile"]), np.asarray(src.obsm[f"{g}_blocks"]),
-            src.obsp[f"{g}_connectivities"], src.obsp[f"{g}_distances"], crops, x, self.summary_stats.n_vars,
-        )
+        x = log_normalize(self._gene_input(adata)) if need_gene else None
+        data = TileGraphData.from_anndata(src, x=x, n_genes=self.summary_stats.n_vars, need_image=need_image)
         if adata is self.adata:
             self._cache[key] = data
         return data
 
     # ---- training
-    def _tile_split(self, data: _TileData, validation_sections: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
-        tiles = np.asarray(data.node_tiles)
-        rng = np.random.default_rng(settings.seed)
-        node_val = self._validation_mask(validation_sections)
-        if node_val is not None:
-            tile_val = np.zeros(data.n_tiles, bool)
-            tile_val[data.tile_of[node_val]] = True
-            return tiles[~tile_val[tiles]], tiles[tile_val[tiles]]
-        n_val = max(2, int(round(0.1 * len(tiles)))) if len(tiles) >= 8 else 0
-        perm = rng.permutation(tiles)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
     def train(
         self,
         max_epochs: int = 200,
@@ -414,7 +233,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
     ) -> None:
         """Train on batches of whole tiles, then store the reference bank of :meth:`predict_expression`.
 
-        With a ``batch_key`` of several sections, the tiles of whole sections are held out for
+        With a ``library_key`` of several sections, the tiles of whole sections are held out for
         validation (``validation_sections``, default the last section) and early stopping watches
         ``recall5_validation`` (image→gene and gene→image Recall@5 % over the validation tiles);
         otherwise 10 % of the tiles (never of the spots) are held out.
@@ -455,24 +274,19 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
 
         max_epochs = check_max_epochs(max_epochs)
         data = self._tile_data(self.adata, need_gene=True, need_image=True)
-        train_tiles, val_tiles = self._tile_split(data, validation_sections)
+        train_tiles, val_tiles = data.split(self._validation_mask(validation_sections), seed=settings.seed)
         if len(train_tiles) < 2:
             raise ValueError(
                 f"Only {len(train_tiles)} training tile(s): contrastive training needs several. Use a smaller "
                 "`tile_size_um` in setup_anndata, or more sections."
             )
-        node_val = np.isin(data.tile_of, val_tiles)
-        dm = _tile_datamodule(
-            data, train_tiles, val_tiles, min(batch_size, len(train_tiles)), np.flatnonzero(~node_val),
-            np.flatnonzero(node_val),
-        )
+        dm = tile_datamodule(data, train_tiles, val_tiles, min(batch_size, len(train_tiles)))
         has_val = len(val_tiles) >= 2
         if not has_val:
             early_stopping, restore_best_weights = False, False
+            trainer_kwargs.setdefault("limit_val_batches", 0)
         plan_kwargs = {"optimizer": "AdamW", "lr": lr, "weight_decay": weight_decay, **(plan_kwargs or {})}
         plan = self._training_plan_cls(self.module, **plan_kwargs)
-        if not has_val:
-            trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs = monitoring_settings(
             trainer_kwargs, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             restore_best_weights=restore_best_weights, monitor="recall5_validation", mode="max", runner="scvi",
@@ -517,29 +331,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         for group in data.batches(tiles, max(batch_size, 1)):
             t = data.collate(group, with_gene=need_gene, with_image=need_image)
             t = {k: v.to(device) for k, v in t.items()}
-            node_tile, blocks, n_t = t["node_tile"], t["blocks"], int(t["n_tiles"])
-            h = self.module.encode_graph(t)["h"] if need_gene else None
-            zs = []
-            for s_name in wanted:
-                s = SCALES.index(s_name)
-                g = (4, 2, 1)[s]
-                if pooling == "tile" or g == 1:
-                    index, n_groups = node_tile, n_t
-                else:
-                    index, n_groups = node_tile * g * g + blocks[:, s], n_t * g * g
-                parts = []
-                if need_image:
-                    crops = t[f"crops_{s_name}"]
-                    if pooling == "tile" or g == 1:
-                        zi = self.module.encode_image_patches(crops.mean(1), s)[node_tile]
-                    else:
-                        zi = self.module.encode_image_patches(crops[node_tile, blocks[:, s]], s)
-                    parts.append(zi)
-                if need_gene:
-                    parts.append(self.module.encode_gene_groups(h[s], index, n_groups, s)[index])
-                z = parts[0] if len(parts) == 1 else torch.nn.functional.normalize(parts[0] + parts[1], dim=-1)
-                zs.append(z)
-            z = torch.cat(zs, dim=-1) / len(zs) ** 0.5
+            z = self.module.node_latents(t, wanted, pooling, gene=need_gene, image=need_image)
             out[t["nodes"].cpu().numpy()] = z.float().cpu().numpy()
         return out[indices]
 
@@ -550,7 +342,7 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
         batch_size: int = 4096,
         *,
         modality: Literal["image", "gene", "joint"] = "joint",
-        scale: Scale = "all",
+        scale: Literal["micro", "meso", "macro", "all"] = "all",
         pooling: Literal["block", "tile"] = "block",
     ) -> np.ndarray:
         """Per-node (cell / spot) embedding at one scale or all scales, one finite unit-norm row per node.
@@ -600,28 +392,16 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
     def embed_scales(
         self, adata: AnnData | None = None, *, modality: Literal["image", "gene", "joint"] = "joint", key_added: str | None = None
     ) -> None:
-        """Write the latent of every scale (and ``'all'``) to ``obsm``.
+        """Deprecated: write ``obsm[f"{key_added}_{scale}"]`` (default prefix ``f"X_imagene_sigmma_{modality}"``) per scale and ``'all'``.
 
-        Parameters
-        ----------
-        adata
-            AnnData to embed (the training AnnData when ``None``).
-        modality
-            ``'image'``, ``'gene'`` or ``'joint'``.
-        key_added
-            Prefix of the keys (default ``f"X_imagene_sigmma_{modality}"``).
-
-        Returns
-        -------
-        Nothing; adds ``obsm[f"{key_added}_{scale}"]`` for ``micro``, ``meso``, ``macro`` and ``all``.
-
-        Examples
-        --------
-        >>> model.embed_scales(modality="image")
-        >>> adata.obsm["X_imagene_sigmma_image_micro"].shape
+        Use ``imagene.tl.embed(model, adata, modality=modality, scale=scale, key_added=...)`` for each scale.
         """
         from imagene._utils import save_key
 
+        warnings.warn(
+            "SIGMMA.embed_scales is deprecated and will be removed: call `imagene.tl.embed(model, adata, "
+            "modality=..., scale=..., key_added=...)` for each scale.", FutureWarning, stacklevel=2,
+        )
         adata = self._query(adata)
         prefix = key_added or f"{KEYS.LATENT_PREFIX}sigmma_{modality}"
         zs = {s: self.get_latent_representation(adata, modality=modality, scale=s) for s in (*SCALES, "all")}
@@ -656,72 +436,10 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             with torch.no_grad():
                 for group in data.batches(data.node_tiles, 4096):
                     t = data.collate(group, with_gene=True, with_image=False)
-                    res = self.module.encode_graph(t)
                     nodes = t["nodes"].numpy()
-                    for name, e, w in zip(("meso", "macro"), res["edges"], res["weights"], strict=False):
-                        keep = (w > 0.5).numpy()
-                        out[name].append(nodes[e.numpy()[:, keep]])
+                    for name, e in zip(("meso", "macro"), self.module.added_edges(t), strict=False):
+                        out[name].append(nodes[e.numpy()])
         finally:
             self.module.train(was)
         return {k: np.concatenate(v, axis=1) if v else np.zeros((2, 0), np.int64) for k, v in out.items()}
 
-
-def _ensure_tiles(
-    adata: AnnData,
-    library_key: str | None,
-    tile_size_um: float | None,
-    n_neighs: int,
-    encoder: str,
-    crop_px: int,
-    *,
-    write: bool,
-    need_image: bool = True,
-) -> AnnData:
-    """Tile graphs and crop features of ``adata``: reused when present and consistent, else computed.
-
-    With ``write=False`` nothing is written into ``adata``: missing parts are computed on a light
-    copy (obs, spatial coordinates, ``uns['spatial']``), which is returned.
-    """
-    import imagene as ig
-
-    g, c = KEYS.TILE_GRAPHS, KEYS.TILE_CROPS
-    meta = adata.uns.get(g)
-    has_graph = (
-        meta is not None
-        and f"{g}_tile" in adata.obs
-        and f"{g}_blocks" in adata.obsm
-        and f"{g}_connectivities" in adata.obsp
-        and f"{g}_distances" in adata.obsp
-        and int(meta.get("grid", 0)) == 4
-        and (tile_size_um is None or np.isclose(float(meta["tile_size_um"]), float(tile_size_um)))
-        and int(meta.get("n_neighs", -1)) == int(n_neighs)
-    )
-    target = adata
-    if not has_graph and not write:
-        uns = {"spatial": adata.uns.get("spatial", {})}
-        target = AnnData(obs=adata.obs.copy(), obsm={KEYS.SPATIAL: np.asarray(adata.obsm[KEYS.SPATIAL])}, uns=uns)
-    if not has_graph:
-        lib = library_key if library_key is not None and library_key in adata.obs else None
-        ig.pp.tile_graphs(target, tile_size_um=tile_size_um, grid=4, library_key=lib, n_neighs=n_neighs)
-    if not need_image:
-        return target
-    crops = target.uns.get(c)
-    n_tiles = len(target.uns[g]["tiles"])
-    has_crops = (
-        has_graph
-        and crops is not None
-        and str(crops.get("encoder")) == str(encoder)
-        and int(crops.get("input_px", -1)) == int(crop_px)
-        and np.asarray(crops["features"]["4"]).shape[0] == n_tiles
-    )
-    if not has_crops:
-        if target is adata and not write:
-            uns = {"spatial": adata.uns.get("spatial", {}), g: adata.uns[g]}
-            target = AnnData(
-                obs=adata.obs[[f"{g}_tile"]].copy(),
-                obsm={f"{g}_blocks": np.asarray(adata.obsm[f"{g}_blocks"])},
-                obsp={k: adata.obsp[k] for k in (f"{g}_connectivities", f"{g}_distances")},
-                uns=uns,
-            )
-        ig.pp.embed_tile_crops(target, encoder=encoder, input_px=int(crop_px), show_progress_bar=False)
-    return target

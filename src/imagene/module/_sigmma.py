@@ -108,6 +108,48 @@ class SIGMMAModule(BaseModuleClass):
         """L2-normalised gene embedding of groups of nodes (tiles or blocks) at scale ``scale``."""
         return F.normalize(self.gene_heads[scale](self.graph.pool(h, index, dim_size, scale)), dim=-1)
 
+    def node_latents(
+        self, tensors: dict[str, torch.Tensor], scales: Sequence[str], pooling: str, *, gene: bool, image: bool
+    ) -> torch.Tensor:
+        """Per-node embeddings of a batch of whole tiles (:meth:`imagene.data.TileGraphData.collate`).
+
+        At each of ``scales`` a node takes the embedding of its block (``pooling='block'``: its micro /
+        meso patch and the attention pool over the nodes of that block; the tile at macro) or of its
+        whole tile (``'tile'``): image, gene, or (both) their normalised sum. The scales are
+        concatenated and scaled to unit norm.
+        """
+        node_tile, blocks, n_t = tensors["node_tile"], tensors["blocks"], int(tensors["n_tiles"])
+        h = self.encode_graph(tensors)["h"] if gene else None
+        zs = []
+        for s_name in scales:
+            s = SCALES.index(s_name)
+            g = (4, 2, 1)[s]
+            if pooling == "tile" or g == 1:
+                index, n_groups = node_tile, n_t
+            else:
+                index, n_groups = node_tile * g * g + blocks[:, s], n_t * g * g
+            parts = []
+            if image:
+                crops = tensors[f"crops_{s_name}"]
+                if pooling == "tile" or g == 1:
+                    zi = self.encode_image_patches(crops.mean(1), s)[node_tile]
+                else:
+                    zi = self.encode_image_patches(crops[node_tile, blocks[:, s]], s)
+                parts.append(zi)
+            if gene:
+                parts.append(self.encode_gene_groups(h[s], index, n_groups, s)[index])
+            z = parts[0] if len(parts) == 1 else F.normalize(parts[0] + parts[1], dim=-1)
+            zs.append(z)
+        return torch.cat(zs, dim=-1) / len(zs) ** 0.5
+
+    def added_edges(self, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Edges the graph side adds at the meso and macro scales of a batch: (2, E) batch-local node pairs of weight > 0.5.
+
+        Gumbel samples in training mode, the edges of probability > 0.5 in eval mode.
+        """
+        res = self.encode_graph(tensors)
+        return [e[:, w > 0.5] for e, w in zip(res["edges"], res["weights"], strict=False)]
+
     def _concat(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
         keep = [zs[SCALES.index(s)] for s in self.loss_scales]
         return torch.cat(keep, dim=-1) / len(keep) ** 0.5

@@ -9,7 +9,7 @@ from imagene.pp._normalize import log_normalize
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
 from imagene.pp._split import section_split
 from imagene.pp._spot_niche import SectionCache, spot_niche_inputs
-from imagene.pp._tile_graphs import embed_tile_crops, tile_graphs
+from imagene.pp._tile_graphs import embed_tile_crops, prepare_tile_graphs, tile_graphs
 from imagene.pp._tiles import extract_tiles
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "niches",
     "nuclei_maps",
     "nuclei_mask",
+    "prepare_tile_graphs",
     "resolve_libraries",
     "section_split",
     "SectionCache",

@@ -334,3 +334,105 @@ def embed_tile_crops(
             "tile_size_um": float(meta["tile_size_um"]),
         },
     )
+
+
+def prepare_tile_graphs(
+    adata: AnnData,
+    *,
+    tile_size_um: float | None = None,
+    library_key: str | None = None,
+    n_neighs: int = 8,
+    encoder: Any = "efficientnet_lite0",
+    input_px: int = 64,
+    crops: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Tile graphs (``grid=4``) and their multi-crop features, reused when present and consistent, else computed.
+
+    The inputs of :class:`imagene.model.SIGMMA`. The tile graphs of :func:`tile_graphs` are reused
+    when ``adata`` has them all with a 4x4 grid, ``n_neighs`` and (unless ``None``) ``tile_size_um``;
+    else they are built. The crop features of :func:`embed_tile_crops` are reused when the graphs
+    were reused and the features come from ``encoder`` at ``input_px`` with one row per tile; else
+    they are computed. Nothing else is touched.
+
+    Parameters
+    ----------
+    adata
+        Cells or spots with centres in ``obsm['spatial']`` and, for the crops, each section's image in
+        ``uns['spatial']``.
+    tile_size_um
+        Side of a tile (``None``: any existing tiling, else the default of :func:`tile_graphs`).
+    library_key
+        ``obs`` column of sections (ignored when not in ``adata.obs``; see :func:`tile_graphs`).
+    n_neighs
+        Nearest neighbours per node in the within-tile proximity graph.
+    encoder
+        Frozen encoder of the multi-crop patches (:func:`embed_tile_crops`).
+    input_px
+        Pixels per patch given to the encoder.
+    crops
+        Also make sure of the crop features (``False``: the tile graphs only).
+    copy
+        Write nothing into ``adata``: return the AnnData holding the inputs, ``adata`` itself when it
+        already has them all, else a light copy (``obs``, ``obsm['spatial']``, ``uns['spatial']`` and the
+        keys below).
+
+    Returns
+    -------
+    ``None`` (or the AnnData of ``copy``); adds, when they are missing or inconsistent, the keys of
+    :func:`tile_graphs` (``obs['imagene_tile_graphs_tile']``, ``obsm['imagene_tile_graphs_blocks']``,
+    ``obsp['imagene_tile_graphs_connectivities']`` / ``['imagene_tile_graphs_distances']``,
+    ``uns['imagene_tile_graphs']``) and of :func:`embed_tile_crops` (``uns['imagene_tile_crops']``),
+    each logged as it is written.
+
+    Examples
+    --------
+    >>> imagene.pp.prepare_tile_graphs(adata, library_key="section", encoder="efficientnet_lite0", input_px=64)
+    >>> imagene.pp.prepare_tile_graphs(adata, library_key="section")  # reused: nothing is added
+    """
+    check_adata(adata)
+    g, c = KEYS.TILE_GRAPHS, KEYS.TILE_CROPS
+    meta = adata.uns.get(g)
+    has_graph = (
+        meta is not None
+        and f"{g}_tile" in adata.obs
+        and f"{g}_blocks" in adata.obsm
+        and f"{g}_connectivities" in adata.obsp
+        and f"{g}_distances" in adata.obsp
+        and int(meta.get("grid", 0)) == 4
+        and (tile_size_um is None or np.isclose(float(meta["tile_size_um"]), float(tile_size_um)))
+        and int(meta.get("n_neighs", -1)) == int(n_neighs)
+    )
+    target = adata
+    if not has_graph and copy:
+        uns = {"spatial": adata.uns.get("spatial", {})}
+        target = AnnData(obs=adata.obs.copy(), obsm={KEYS.SPATIAL: np.asarray(adata.obsm[KEYS.SPATIAL])}, uns=uns)
+    if not has_graph:
+        lib = library_key if library_key is not None and library_key in adata.obs else None
+        tile_graphs(target, tile_size_um=tile_size_um, grid=4, library_key=lib, n_neighs=n_neighs)
+    else:
+        logger.debug("prepare_tile_graphs: reusing the tile graphs in uns[%r]", g)
+    if not crops:
+        return target if copy else None
+    have = target.uns.get(c)
+    n_tiles = len(target.uns[g]["tiles"])
+    has_crops = (
+        has_graph
+        and have is not None
+        and str(have.get("encoder")) == str(encoder)
+        and int(have.get("input_px", -1)) == int(input_px)
+        and np.asarray(have["features"]["4"]).shape[0] == n_tiles
+    )
+    if not has_crops:
+        if target is adata and copy:
+            uns = {"spatial": adata.uns.get("spatial", {}), g: adata.uns[g]}
+            target = AnnData(
+                obs=adata.obs[[f"{g}_tile"]].copy(),
+                obsm={f"{g}_blocks": np.asarray(adata.obsm[f"{g}_blocks"])},
+                obsp={k: adata.obsp[k] for k in (f"{g}_connectivities", f"{g}_distances")},
+                uns=uns,
+            )
+        embed_tile_crops(target, encoder=encoder, input_px=int(input_px), show_progress_bar=False)
+    else:
+        logger.debug("prepare_tile_graphs: reusing the crop features in uns[%r]", c)
+    return target if copy else None

@@ -16,7 +16,9 @@ from imagene._utils import check_adata, save_key
 logger = logging.getLogger("imagene")
 
 
-def embed(model: Any, adata: AnnData | None = None, *, modality: str = "joint", key_added: str | None = None) -> None:
+def embed(
+    model: Any, adata: AnnData | None = None, *, modality: str = "joint", key_added: str | None = None, **kwargs: Any
+) -> None:
     """Write a model's latent representation to ``obsm``.
 
     Genes follow the rule of :func:`predict_expression`: the gene side reads the query's counts of
@@ -33,10 +35,19 @@ def embed(model: Any, adata: AnnData | None = None, *, modality: str = "joint", 
         ``'image'``, ``'gene'`` or ``'joint'`` (models may offer more, e.g. ``'niche'``).
     key_added
         ``obsm`` key; defaults to ``f"X_imagene_{modality}"``.
+    **kwargs
+        Passed to the model's ``get_latent_representation``, e.g. ``scale=`` and ``pooling=`` of
+        :class:`imagene.model.SIGMMA`.
 
     Returns
     -------
     Nothing; adds ``obsm[key_added]`` — (n_obs, n_latent) float32.
+
+    Examples
+    --------
+    >>> imagene.tl.embed(model, adata, modality="image")
+    >>> for scale in ("micro", "meso", "macro"):  # SIGMMA: one key per scale
+    ...     imagene.tl.embed(model, adata, modality="image", scale=scale, key_added=f"X_imagene_image_{scale}")
     """
     adata = model.adata if adata is None else adata
     if adata is None:
@@ -44,7 +55,7 @@ def embed(model: Any, adata: AnnData | None = None, *, modality: str = "joint", 
     check_adata(adata)
     if modality == "image":
         ensure_image_features(model, adata)
-    z = model.get_latent_representation(adata, modality=modality)
+    z = model.get_latent_representation(adata, modality=modality, **kwargs)
     save_key(adata, "obsm", key_added or f"{KEYS.LATENT_PREFIX}{modality}", np.asarray(z, dtype=np.float32))
 
 
