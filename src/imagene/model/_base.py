@@ -26,7 +26,7 @@ from imagene._validate import (
     ddp_world_size,
     feature_provenance,
 )
-from imagene.model._reference import ReferenceBankMixin, _format_prediction  # noqa: F401 (used by the models)
+from imagene.model._reference import ReferenceBankMixin
 from imagene.model._saving import load_model
 
 logger = logging.getLogger("imagene")

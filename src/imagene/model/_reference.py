@@ -22,6 +22,9 @@ class ReferenceBankMixin:
     Needs from the model: ``_embed``, ``_gene_input``, ``_query``, ``_check_trained``,
     ``get_latent_representation``, ``gene_names`` and a module with ``logit_scale``.
     """
+
+    def _format_prediction(self, adata, indices, cols, pred, sd, return_numpy):
+        return format_prediction(self, adata, indices, cols, pred, sd, return_numpy)
     def _build_reference(self, batch_size: int = 512) -> None:
         """Store the training spots' gene embeddings and log-normalised expression (saved with the model)."""
         self.reference_latent_ = self._embed(self.adata, "gene", None, batch_size).astype(np.float32)
@@ -195,10 +198,11 @@ class ReferenceBankMixin:
         pred, sd, _ = self._predict_reference(
             adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size
         )
-        return _format_prediction(self, adata, indices, cols, pred, sd if return_sd else None, return_numpy)
+        return self._format_prediction(adata, indices, cols, pred, sd if return_sd else None, return_numpy)
 
 
-def _format_prediction(model, adata, indices, cols, pred, sd, return_numpy):
+def format_prediction(model, adata, indices, cols, pred, sd, return_numpy):
+    """Predictions (and spread) as arrays, or DataFrames of obs names × the model's genes ``cols``."""
     if not return_numpy:
         obs_names = adata.obs_names[np.arange(adata.n_obs) if indices is None else np.asarray(indices)]
         genes = model.gene_names[cols]

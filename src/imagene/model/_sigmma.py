@@ -24,6 +24,7 @@ from imagene.module._sigmma import SCALES, SIGMMAModule
 from imagene.pp import prepare_tile_graphs
 from imagene.train import ContrastiveTrainingPlan
 
+
 # ------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------

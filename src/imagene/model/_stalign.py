@@ -18,7 +18,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._validate import check_int, renamed_kwarg
-from imagene.model._base import AlignmentMixin, _format_prediction
+from imagene.model._base import AlignmentMixin
 from imagene.model._probe import ExpressionProbeMixin
 from imagene.module._stalign import STAlignModule
 from imagene.pp import spot_niche_inputs
@@ -446,4 +446,4 @@ class STAlign(ExpressionProbeMixin, AlignmentMixin, UnsupervisedTrainingMixin, B
         adata = self._query(adata)
         cols = self._gene_columns(gene_list)
         pred, sd = self._predict_probe(adata, indices, cols, batch_size, with_sd=return_sd)
-        return _format_prediction(self, adata, indices, cols, pred, sd, return_numpy)
+        return self._format_prediction(adata, indices, cols, pred, sd, return_numpy)
