@@ -158,7 +158,7 @@ def variants(args) -> None:
         train = adata.copy()
         for n, kw in models.items():
             t0 = time.time()
-            ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key=key, batch_key="section")
+            ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key=key, library_key="section")
             m = ig.model.UMPIRE(train, **kw)
             m.train(max_epochs=args.max_epochs, **fast)
             z = m.get_latent_representation(a1, modality="image")

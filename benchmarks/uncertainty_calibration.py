@@ -76,14 +76,14 @@ def run_fold(adata, test: str, model_name: str, max_epochs: int, workdir: Path) 
         warnings.simplefilter("ignore")
         if model_name == "umpire":
             ig.model.UMPIRE.setup_anndata(
-                train, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section"
+                train, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section"
             )
             model = ig.model.UMPIRE(train)
             model.train(max_epochs=max_epochs, **fit)
             cls, kwargs = ig.model.UMPIRE, {}
         else:
             ig.model.STAlign.setup_anndata(
-                train, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section"
+                train, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section"
             )
             model = ig.model.STAlign(train, adaptive_encoders=False)
             model.train(max_epochs=max_epochs, probe_epochs=30, **fit)
