@@ -9,7 +9,7 @@ import torch
 
 import imagene as ig
 from imagene._utils import log_normalize
-from imagene.module import GeneSemanticGraph, GenomicPrompter, NucleiCNN, mse_pcc_loss
+from imagene.nn import GeneSemanticGraph, GenomicPrompter, NucleiCNN, mse_pcc_loss
 
 FAST = {"accelerator": "cpu", "enable_progress_bar": False}
 
@@ -127,7 +127,7 @@ def synthetic_trained():
     ig.pp.nuclei_maps(a, tiles_key="imagene_tiles", map_px=32, show_progress_bar=False)
     del a.obsm["imagene_tiles"]
     ig.settings.seed = 0
-    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section")
+    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section")
     m = ig.model.AlignST(a, n_hidden=32, n_layers=2, max_text_length=16)
     unseen = list(a.var_names[:4])
     m.train(max_epochs=15, seen_genes=list(a.var_names[4:]), unseen_genes=unseen, lr=3e-3, **FAST)
@@ -141,7 +141,7 @@ def test_synthetic_train_latent_and_unseen_gene_prediction(synthetic_trained):
     assert len(loss) == 15 and loss[-3:].mean() < loss[:3].mean()
     z = m.get_latent_representation()
     assert z.shape == (a.n_obs, 32) and np.isfinite(z).all()
-    pred = m.predict_expression(genes=[*unseen, m.seen_genes_[0], "EGFR"])  # EGFR: not in the AnnData at all
+    pred = m.predict_expression(gene_list=[*unseen, m.seen_genes_[0], "EGFR"])  # EGFR: not in the AnnData at all
     assert pred.shape == (a.n_obs, 6) and np.isfinite(pred.to_numpy()).all()
     assert list(pred.columns) == [*unseen, m.seen_genes_[0], "EGFR"]
     # an unseen gene gets its own prediction, not a copy of a seen gene's
@@ -149,7 +149,7 @@ def test_synthetic_train_latent_and_unseen_gene_prediction(synthetic_trained):
     for g in [*unseen, "EGFR"]:
         assert np.abs(pred[g].to_numpy() - seen_pred).max() > 1e-3
     # a prediction for a gene does not depend on which other genes are requested
-    alone = m.predict_expression(genes=[unseen[0]])
+    alone = m.predict_expression(gene_list=[unseen[0]])
     np.testing.assert_allclose(alone[unseen[0]].to_numpy(), pred[unseen[0]].to_numpy(), rtol=1e-4, atol=1e-4)
     emb = m.get_gene_embedding(unseen)
     assert emb.shape == (4, 32) and list(emb.index) == unseen
@@ -162,7 +162,7 @@ def test_save_load_round_trip_predicts_unseen_genes_alike(synthetic_trained, tmp
     assert m2.is_trained_ and m2.seen_genes_ == m.seen_genes_
     genes = [*unseen, "EGFR"]  # EGFR: described, never measured
     np.testing.assert_allclose(
-        m2.predict_expression(genes=genes).to_numpy(), m.predict_expression(genes=genes).to_numpy(), rtol=1e-4, atol=1e-5
+        m2.predict_expression(gene_list=genes).to_numpy(), m.predict_expression(gene_list=genes).to_numpy(), rtol=1e-4, atol=1e-5
     )
     np.testing.assert_allclose(m2.get_latent_representation(), m.get_latent_representation(), atol=1e-5)
 
@@ -170,7 +170,7 @@ def test_save_load_round_trip_predicts_unseen_genes_alike(synthetic_trained, tmp
 def test_synthetic_errors_leave_adata_unchanged(synthetic_trained):
     m, a, _ = synthetic_trained
     with pytest.raises(KeyError, match="gene_text"):
-        m.predict_expression(genes=["NOT_A_GENE_XYZ"])
+        m.predict_expression(gene_list=["NOT_A_GENE_XYZ"])
     with pytest.raises(ValueError, match="modality"):
         m.get_latent_representation(modality="gene")
     b = a.copy()
@@ -182,14 +182,14 @@ def test_synthetic_errors_leave_adata_unchanged(synthetic_trained):
     assert (set(b.obsm), set(b.uns), set(b.obs)) == keys
     ig.model.AlignST.setup_anndata(b, layer="counts", image_key="X_he_tiny", gene_text={"MYGENE": "my gene."})
     with pytest.raises(RuntimeError, match="not trained"):
-        ig.model.AlignST(b, n_hidden=16, n_layers=1).predict_expression(genes=["MYGENE"])
+        ig.model.AlignST(b, n_hidden=16, n_layers=1).predict_expression(gene_list=["MYGENE"])
 
 
 def test_validation_section_early_stopping_and_best_weights():
     a = ig.datasets.synthetic_he_st(n_obs=240, n_vars=30, n_sections=3, image_px=384, seed=3)
     a.var_names = SYMBOLS
     a.obsm["X_feat"] = np.asarray(a.layers["counts"].todense())[:, :8].astype(np.float32)  # image side with signal
-    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_feat", batch_key="section", nuclei_key=None)
+    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_feat", library_key="section", nuclei_key=None)
     seen = list(a.var_names[4:])
     ig.settings.seed = 0
     m = ig.model.AlignST(a, n_hidden=16, n_layers=1, max_text_length=16)
@@ -205,7 +205,7 @@ def test_validation_section_early_stopping_and_best_weights():
     # the weights kept are those of the best validation epoch: predicting the held-out section now
     # gives that epoch's score (mean per-gene Pearson r over the seen genes, computed here by hand)
     held = a[a.obs["section"] == "S2"].copy()
-    pred = m.predict_expression(held, genes=seen, return_numpy=True)
+    pred = m.predict_expression(held, gene_list=seen, return_numpy=True)
     truth = log_normalize(held[:, seen].layers["counts"])
     truth = truth.toarray() if hasattr(truth, "toarray") else np.asarray(truth)
     r = [np.corrcoef(truth[:, j], pred[:, j])[0, 1] for j in range(len(seen))]
@@ -216,14 +216,78 @@ def test_user_gene_embeddings_in_varm():
     a = ig.datasets.synthetic_he_st(n_obs=120, n_vars=12, n_sections=2, image_px=256, seed=1)
     a.obsm["X_feat"] = np.random.default_rng(0).normal(size=(a.n_obs, 8)).astype(np.float32)
     a.varm["llm"] = np.random.default_rng(1).normal(size=(a.n_vars, 20)).astype(np.float32)
-    ig.model.AlignST.setup_anndata(a, image_key="X_feat", batch_key="section", nuclei_key=None, gene_embedding_key="llm")
+    ig.model.AlignST.setup_anndata(a, image_key="X_feat", library_key="section", nuclei_key=None, gene_embedding_key="llm")
     m = ig.model.AlignST(a, n_hidden=16, n_layers=1)
     m.train(max_epochs=2, seen_genes=list(a.var_names[2:]), **FAST)
     new = pd.DataFrame(np.ones((1, 20), np.float32), index=["NEWGENE"])
-    pred = m.predict_expression(genes=["gene_00", "NEWGENE"], gene_embeddings=new)
+    pred = m.predict_expression(gene_list=["gene_00", "NEWGENE"], gene_embeddings=new)
     assert pred.shape == (a.n_obs, 2) and np.isfinite(pred.to_numpy()).all()
     with pytest.raises(KeyError, match="gene_embeddings"):
-        m.predict_expression(genes=["OTHER"])
+        m.predict_expression(gene_list=["OTHER"])
+
+
+def _keys(adata):
+    return {slot: set(getattr(adata, slot).keys()) for slot in ("obsm", "obs", "uns", "layers", "varm", "obsp")}
+
+
+def test_query_is_not_written_and_the_shared_entry_points_work(synthetic_trained):
+    """tl.predict_expression and get_latent_representation on a query without nuclei maps leave it as it is."""
+    m, a, unseen = synthetic_trained
+    query = a[a.obs["section"] == "S1"].copy()
+    del query.obsm["imagene_nuclei"]
+    before = _keys(query)
+    out = ig.tl.predict_expression(m, query)  # the model's genes (seen genes) are not the query's: a new AnnData
+    z = m.get_latent_representation(query)
+    pred = m.predict_expression(query, gene_list=unseen, return_numpy=True)
+    assert _keys(query) == before  # nothing written, also not the nuclei maps computed for the query
+    assert out.var_names.equals(m.gene_names) and out.n_obs == query.n_obs
+    assert np.isfinite(out.layers["imagene_predicted"]).all() and (out.layers["imagene_predicted_sd"] >= 0).all()
+    # the maps computed in memory are those imagene.pp.nuclei_maps writes with its defaults
+    with_maps = query.copy()
+    ig.pp.nuclei_maps(with_maps, show_progress_bar=False)
+    np.testing.assert_allclose(m.get_latent_representation(with_maps), z, atol=1e-5)
+    np.testing.assert_allclose(m.predict_expression(with_maps, gene_list=unseen, return_numpy=True), pred, atol=1e-5)
+    # the shared signature: indices, old `genes=` with a FutureWarning, and a clear error for genes passed as indices
+    sub = m.predict_expression(query, [0, 2], gene_list=unseen, return_numpy=True)
+    np.testing.assert_allclose(sub, pred[[0, 2]], atol=1e-6)
+    with pytest.warns(FutureWarning, match="gene_list"):
+        old = m.predict_expression(with_maps, genes=unseen, return_numpy=True)
+    np.testing.assert_allclose(old, pred, atol=1e-5)
+    with pytest.raises(TypeError, match="gene_list"):
+        m.predict_expression(query, unseen)
+    # without images the maps cannot be computed: the error names the function that makes them
+    bare = query.copy()
+    del bare.uns["spatial"]
+    with pytest.raises(KeyError, match="imagene.pp.nuclei_maps"):
+        m.get_latent_representation(bare)
+
+
+def test_setup_accepts_the_old_batch_key_with_a_warning():
+    a = ig.datasets.synthetic_he_st(n_obs=120, n_vars=12, n_sections=2, image_px=256, seed=1)
+    a.obsm["X_feat"] = np.random.default_rng(0).normal(size=(a.n_obs, 8)).astype(np.float32)
+    with pytest.warns(FutureWarning, match="library_key"):
+        ig.model.AlignST.setup_anndata(a, image_key="X_feat", batch_key="section", nuclei_key=None,
+                                       gene_text={g: f"gene {g}." for g in a.var_names})
+    m = ig.model.AlignST(a, n_hidden=8, n_layers=1)
+    assert m.library_key == "section" and m._setup_args["library_key"] == "section"
+    with pytest.raises(TypeError, match="library_key"):
+        ig.model.AlignST.setup_anndata(a, image_key="X_feat", library_key="section", batch_key="other")
+
+
+def test_bench_runs_alignst_as_an_imagene_model():
+    a = ig.datasets.synthetic_he_st(n_obs=180, n_vars=30, n_sections=3, image_px=256, seed=2)
+    a.var_names = SYMBOLS
+    a.obsm["X_feat"] = np.random.default_rng(0).normal(size=(a.n_obs, 8)).astype(np.float32)
+    ig.settings.seed = 0
+    method = ig.bench.ImageneModel(
+        ig.model.AlignST, model_kwargs={"n_hidden": 8, "n_layers": 1, "max_text_length": 8},
+        train_kwargs={"accelerator": "cpu", "n_seen_genes": 10}, tasks=("expression",),
+    )
+    with pytest.warns(FutureWarning):  # the runner registers sections as batch_key= (every model's old name)
+        df = ig.bench.run(a, image_key="X_feat", methods=[method], max_epochs=2, n_genes=10, test_sections=["S2"])
+    pcc = df.loc[df["metric"] == "pcc_hvg10", "value"]
+    # scored on every training gene (the runner checks the shape), 10 seen, the others predicted zero-shot
+    assert set(df["method"]) == {"alignst"} and len(pcc) == 1 and np.isfinite(pcc).all()
 
 
 # ---------------------------------------------------------------- the checks' path
@@ -231,7 +295,7 @@ def test_user_gene_embeddings_in_varm():
 def test_checks_path_real_sections(check_path_adata):
     adata = check_path_adata
     ig.settings.seed = 0
-    ig.model.AlignST.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", batch_key="section")
+    ig.model.AlignST.setup_anndata(adata, layer="counts", image_key="X_he_efficientnet_lite0", library_key="section")
     nuc = adata.obsm["imagene_nuclei"]  # nuclei maps cut from the full-size H&E by the model's setup
     assert nuc.shape == (adata.n_obs, 32, 32) and 0 <= nuc.min() and nuc.max() <= 1
     per_spot = nuc.mean((1, 2))
@@ -243,7 +307,7 @@ def test_checks_path_real_sections(check_path_adata):
     assert len(model.seen_genes_) == 256
     unseen = [g for g in ("ERBB2", "GATA3", "ESR1", "CD74") if g not in model.seen_genes_][:2]
     assert unseen
-    pred = model.predict_expression(genes=[*unseen, model.seen_genes_[0]])
+    pred = model.predict_expression(gene_list=[*unseen, model.seen_genes_[0]])
     assert np.isfinite(pred.to_numpy()).all()
     for g in unseen:
         assert np.abs(pred[g].to_numpy() - pred[model.seen_genes_[0]].to_numpy()).max() > 1e-3

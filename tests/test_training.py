@@ -65,7 +65,7 @@ MODELS = ["UMPIRE", "STAlign", "SIGMMA", "AlignST"]
 def _outputs(name, m):
     z = m.get_latent_representation()
     if name == "AlignST":
-        pred = m.predict_expression(genes=list(m.adata.var_names[:5]))
+        pred = m.predict_expression(gene_list=list(m.adata.var_names[:5]))
     else:
         pred = m.predict_expression(k=5)
     return np.asarray(z), np.asarray(pred)

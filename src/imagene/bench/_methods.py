@@ -271,6 +271,7 @@ class ImageneModel(Method):
         kwargs = {"max_epochs": ctx.max_epochs, "enable_progress_bar": False, **self.train_kwargs}
         model.train(**kwargs)
         self.model_ = model
+        self.genes_ = list(train.var_names)  # what the runner scores (AlignST's own genes are its seen genes)
 
     def _model(self):
         if self.model_ is None:
@@ -293,6 +294,8 @@ class ImageneModel(Method):
 
         def predict(**extra: Any) -> np.ndarray:
             kw = {"k": self.k, "weighting": self.weighting, "return_numpy": True, **extra}
+            if list(model.gene_names) != getattr(self, "genes_", list(model.gene_names)):
+                kw.setdefault("gene_list", self.genes_)
             return np.asarray(model.predict_expression(test, **kw))
 
         if self.predictions is None:

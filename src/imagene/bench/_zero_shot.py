@@ -143,11 +143,11 @@ def zero_shot(
         if "alignst" in methods:
             t = time.perf_counter()
             train = adata[train_idx].copy()
-            AlignST.setup_anndata(train, layer=layer, image_key=image_key, batch_key=section_key)
+            AlignST.setup_anndata(train, layer=layer, image_key=image_key, library_key=section_key)
             model = AlignST(train, **(model_kwargs or {}))
             model.train(max_epochs=max_epochs, seen_genes=seen, unseen_genes=unseen, **(train_kwargs or {}))
             query = adata[test_idx].copy()
-            pred = model.predict_expression(query, genes=unseen, return_numpy=True)
+            pred = model.predict_expression(query, gene_list=unseen, return_numpy=True)
             rows.append({"fold": fold, "method": "alignst", **_scores(y_true, pred, n_top),
                          "seconds": time.perf_counter() - t})
         if "ridge_supervised" in methods:

@@ -1,26 +1,12 @@
 """Torch-only modules of each model (no AnnData)."""
 
-from imagene.module._alignst import (
-    AlignSTModule,
-    GeneSemanticGraph,
-    GenomicPrompter,
-    NucleiCNN,
-    NucleiFusion,
-    SAGERefiner,
-    mse_pcc_loss,
-)
+from imagene.module._alignst import AlignSTModule
 from imagene.module._sigmma import SIGMMAModule
 from imagene.module._stalign import STAlignModule
 from imagene.module._umpire import UMPIREModule
 
 __all__ = [
     "AlignSTModule",
-    "GeneSemanticGraph",
-    "GenomicPrompter",
-    "NucleiCNN",
-    "NucleiFusion",
-    "SAGERefiner",
-    "mse_pcc_loss",
     "SIGMMAModule",
     "STAlignModule",
     "UMPIREModule",

@@ -3,6 +3,14 @@
 Nothing here imports anndata.
 """
 
+from imagene.nn._alignst_blocks import (
+    GeneSemanticGraph,
+    GenomicPrompter,
+    NucleiCNN,
+    NucleiFusion,
+    SAGERefiner,
+    mse_pcc_loss,
+)
 from imagene.nn._context import ContextTower
 from imagene.nn._fusion import ABFN, ConcatFusion, NicheGeneTransformer
 from imagene.nn._gene_transformer import (
@@ -58,6 +66,12 @@ __all__ = [
     "info_nce",
     "list_image_encoders",
     "register_image_encoder",
+    "GeneSemanticGraph",
+    "GenomicPrompter",
+    "NucleiCNN",
+    "NucleiFusion",
+    "SAGERefiner",
+    "mse_pcc_loss",
     "TextEncoder",
     "get_text_encoder",
     "minilm_path",

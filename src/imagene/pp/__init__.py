@@ -1,4 +1,4 @@
-"""Preprocessing: tiles, frozen image features, niche graphs and spot / niche inputs, section splits."""
+"""Preprocessing: tiles, frozen image features, niche, patch and tile graphs, spot / niche inputs, section splits."""
 
 from imagene.pp._context import context_features, context_matrix, neighbor_features
 from imagene.pp._features import embed_tiles
@@ -7,6 +7,7 @@ from imagene.pp._library import resolve_libraries
 from imagene.pp._niches import niche_mean_operator, niches
 from imagene.pp._normalize import log_normalize
 from imagene.pp._nuclei import nuclei_maps, nuclei_mask
+from imagene.pp._patch_graph import patch_graph
 from imagene.pp._split import section_split
 from imagene.pp._spot_niche import SectionCache, spot_niche_inputs
 from imagene.pp._tile_graphs import embed_tile_crops, prepare_tile_graphs, tile_graphs
@@ -24,6 +25,7 @@ __all__ = [
     "niches",
     "nuclei_maps",
     "nuclei_mask",
+    "patch_graph",
     "prepare_tile_graphs",
     "resolve_libraries",
     "section_split",

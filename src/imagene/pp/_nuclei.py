@@ -70,7 +70,8 @@ def nuclei_maps(
     library_key: str | None = None,
     key_added: str = KEYS.NUCLEI,
     show_progress_bar: bool = True,
-) -> None:
+    inplace: bool = True,
+) -> np.ndarray | None:
     """Nuclei density map of each spot's tile, from hematoxylin colour deconvolution.
 
     Tiles are taken from ``obsm[tiles_key]`` when given, otherwise cut (``tile_px`` pixels over
@@ -98,10 +99,14 @@ def nuclei_maps(
         ``obsm`` key written.
     show_progress_bar
         Show progress bars.
+    inplace
+        Write ``obsm[key_added]`` (default); ``False``: return the maps and leave ``adata`` as it is
+        (what a model does for a query without maps).
 
     Returns
     -------
-    Nothing; writes ``obsm[key_added]``: float32 ``(n_obs, map_px, map_px)`` nuclei fractions in [0, 1].
+    Nothing with ``inplace``; writes ``obsm[key_added]``: float32 ``(n_obs, map_px, map_px)``
+    nuclei fractions in [0, 1]. Otherwise that array.
 
     Examples
     --------
@@ -143,4 +148,7 @@ def nuclei_maps(
         mask = nuclei_mask(tiles).astype(np.float32)
         f = mask.shape[1] // map_px
         out[idx] = mask.reshape(len(idx), map_px, f, map_px, f).mean((2, 4))
+    if not inplace:
+        return out
     save_key(adata, "obsm", key_added, out)
+    return None
