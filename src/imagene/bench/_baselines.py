@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from imagene._utils import log_normalize
 from imagene.bench._methods import FoldContext, Method, training_log1p
-from imagene.pp._context import CONTEXT_SUFFIX
+from imagene.pp import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
 

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from imagene._constants import KEYS
+from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, warn
 from imagene.bench._methods import TASKS, FoldContext, Method
 from imagene.metrics import ari, gene_pearson, mse, nmi, recall_at_k, top_expressed_genes, top_variable_genes
@@ -590,8 +591,6 @@ def _run_tasks(
         )
         folds = [(name, ~mask, [(name, mask)]) for name, mask in parts]
 
-    import imagene as ig
-
     records: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
     sections = adata.obs[section_key].astype(str).to_numpy()
     for fold, train_mask, test_parts in folds:
@@ -639,7 +638,7 @@ def _run_tasks(
             )
             for template in methods:
                 method = copy.deepcopy(template)
-                ig.settings.seed = int(seed)
+                settings.seed = int(seed)
                 t0 = time.perf_counter()
                 method.fit(train.copy(), ctx=ctx)
                 fit_s = time.perf_counter() - t0

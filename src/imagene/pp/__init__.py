@@ -1,6 +1,6 @@
 """Preprocessing: tiles, frozen image features, niche graphs, section splits."""
 
-from imagene.pp._context import context_features, context_matrix, neighbor_features
+from imagene.pp._context import CONTEXT_SUFFIX, context_features, context_matrix, neighbor_features, scale_key
 from imagene.pp._features import embed_tiles
 from imagene.pp._grid import spot_grid, tissue_mask
 from imagene.pp._library import resolve_libraries
@@ -12,6 +12,7 @@ from imagene.pp._tile_graphs import embed_tile_crops, tile_graphs
 from imagene.pp._tiles import extract_tiles
 
 __all__ = [
+    "CONTEXT_SUFFIX",
     "context_features",
     "context_matrix",
     "embed_tile_crops",
@@ -23,6 +24,7 @@ __all__ = [
     "nuclei_maps",
     "nuclei_mask",
     "resolve_libraries",
+    "scale_key",
     "section_split",
     "spot_grid",
     "tile_graphs",
