@@ -30,35 +30,30 @@ def _ridge_pipeline(n_obs: int, n_features: int, *, n_components: int = 256, see
 def ridge_probe(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, n_components: int = 256, seed: int = 0
 ) -> np.ndarray:
-    """HEST-Benchmark probe: StandardScaler → PCA(256) → ridge, fitted on training spots only.
-
-    The ridge penalty is chosen by efficient leave-one-out cross-validation on the training spots
-    (one penalty for all genes, from 13 values between 0.1 and 1e5).
+    """Deprecated alias of :meth:`imagene.bench.RidgeProbe.fit_predict` (FutureWarning).
 
     Parameters
     ----------
-    x_train
-        (n_train, d) frozen image features of the training spots.
-    y_train
-        (n_train, n_genes) training targets (``log1p`` CP10k).
-    x_test
-        (n_test, d) features of the held-out spots.
+    x_train, y_train, x_test
+        As :meth:`imagene.bench.RidgeProbe.fit_predict`.
     n_components
-        PCA components (capped at ``n_train - 1`` and ``d``).
+        PCA components.
     seed
         Seed of the PCA solver.
 
     Returns
     -------
     (n_test, n_genes) predictions.
-
-    Examples
-    --------
-    >>> pred = ridge_probe(train.obsm["X_he_efficientnet_lite0"], y_train, test.obsm["X_he_efficientnet_lite0"])
     """
-    probe = _ridge_pipeline(x_train.shape[0], x_train.shape[1], n_components=n_components, seed=seed)
-    probe.fit(x_train, y_train)
-    return probe.predict(x_test)
+    import warnings
+
+    warnings.warn(
+        "imagene.bench.ridge_probe(x_train, y_train, x_test) is deprecated; use "
+        "imagene.bench.RidgeProbe(n_components).fit_predict(x_train, y_train, x_test, seed=seed).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return RidgeProbe(n_components=n_components).fit_predict(x_train, y_train, x_test, seed=seed)
 
 
 class _Regressor(Method):
@@ -104,10 +99,10 @@ class _Regressor(Method):
 
 
 class RidgeProbe(_Regressor):
-    """The HEST-Benchmark probe on frozen tile features: StandardScaler → PCA(256) → ridge (:func:`ridge_probe`).
+    """The HEST-Benchmark probe on frozen tile features: StandardScaler → PCA(256) → ridge.
 
     Targets are ``log1p`` CP10k of every training gene; scaler, PCA and penalty are fitted on the
-    fold's training spots only.
+    fold's training spots only. :meth:`fit_predict` is the same probe on arrays, outside the runner.
 
     Parameters
     ----------
@@ -145,6 +140,36 @@ class RidgeProbe(_Regressor):
 
     def _key(self, ctx: FoldContext) -> str:
         return ctx.image_key
+
+    def fit_predict(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, seed: int = 0) -> np.ndarray:
+        """The probe on arrays, outside the runner: fit on ``(x_train, y_train)``, predict ``x_test``.
+
+        The ridge penalty is chosen by efficient leave-one-out cross-validation on the training
+        spots (one penalty for all genes, from 13 values between 0.1 and 1e5).
+
+        Parameters
+        ----------
+        x_train
+            (n_train, d) frozen image features of the training spots.
+        y_train
+            (n_train, n_genes) training targets (``log1p`` CP10k).
+        x_test
+            (n_test, d) features of the held-out spots.
+        seed
+            Seed of the PCA solver.
+
+        Returns
+        -------
+        (n_test, n_genes) predictions.
+
+        Examples
+        --------
+        >>> x = train.obsm["X_he_efficientnet_lite0"]
+        >>> pred = imagene.bench.RidgeProbe().fit_predict(x, y_train, test.obsm["X_he_efficientnet_lite0"])
+        """
+        probe = _ridge_pipeline(x_train.shape[0], x_train.shape[1], n_components=self.n_components, seed=seed)
+        probe.fit(x_train, y_train)
+        return probe.predict(x_test)
 
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Ridge predictions from the image features.

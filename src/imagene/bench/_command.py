@@ -170,7 +170,7 @@ def run_command(args: argparse.Namespace) -> int:
     from imagene._settings import settings
     from imagene._version import __version__
     from imagene.bench._data import read_sections
-    from imagene.bench._report import _markdown, per_fold_table, summary_table, write_results
+    from imagene.bench._report import _markdown, per_fold_table, summarize, write_results
     from imagene.bench._runner import _run_tasks, default_methods
 
     t_start = time.perf_counter()
@@ -214,7 +214,7 @@ def run_command(args: argparse.Namespace) -> int:
         for task, df in dfs.items():
             results[task] = df
             sys.stdout.write(f"\n== {task}: per fold ==\n{_markdown(per_fold_table(df, task))}\n")
-            sys.stdout.write(f"\n== {task}: mean ± std over folds ==\n{_markdown(summary_table(df, task))}\n")
+            sys.stdout.write(f"\n== {task}: mean ± std over folds ==\n{_markdown(summarize(df, task))}\n")
         sys.stdout.write(f"({' and '.join(group)}: {timings['+'.join(group)]:.0f} s)\n")
     config = {
         "data": str(Path(args.data).resolve()) if args.data else "her2st (ig.datasets.her2st: $IMAGENE_DATA_DIR or "

@@ -18,7 +18,16 @@ from imagene._constants import KEYS
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, warn
 from imagene.bench._methods import TASKS, FoldContext, Method
-from imagene.metrics import ari, gene_pearson, mse, nmi, recall_at_k, top_expressed_genes, top_variable_genes
+from imagene.metrics import (
+    ari,
+    gene_pearson,
+    mean_pearson,
+    mse,
+    nmi,
+    recall_at_k,
+    top_expressed_genes,
+    top_variable_genes,
+)
 
 logger = logging.getLogger("imagene")
 
@@ -310,11 +319,10 @@ def _subset(
 def _expression_rows(y_true: np.ndarray, pred: np.ndarray, ctx: FoldContext) -> list[tuple[str, float]]:
     rows = []
     for set_name, idx in ((f"hvg{len(ctx.hvg)}", ctx.hvg), (f"heg{len(ctx.heg)}", ctx.heg)):
-        r = gene_pearson(y_true[:, idx], pred[:, idx])
-        defined = np.isfinite(r)
-        rows.append((f"pcc_{set_name}", float(np.mean(r[defined])) if defined.any() else float("nan")))
-        rows.append((f"mse_{set_name}", mse(y_true[:, idx], pred[:, idx])))
-        rows.append((f"undefined_{set_name}", float((~defined).sum())))
+        t, p = y_true[:, idx], pred[:, idx]
+        rows.append((f"pcc_{set_name}", mean_pearson(t, p)))
+        rows.append((f"mse_{set_name}", mse(t, p)))
+        rows.append((f"undefined_{set_name}", float((~np.isfinite(gene_pearson(t, p))).sum())))
     return rows
 
 
@@ -757,35 +765,3 @@ def _score(
             pred = np.asarray(fn(z, ctx.n_clusters, ctx.seed, **clustering_kwargs))[keep]
             rows += [(name, f"ari_{algo}", ari(truth, pred)), (name, f"nmi_{algo}", nmi(truth, pred))]
     return rows
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± standard deviation of each method and metric over folds.
-
-    Parameters
-    ----------
-    df
-        Tidy results of :func:`imagene.bench.run`.
-
-    Returns
-    -------
-    DataFrame with columns ``method``, ``metric``, ``mean``, ``std`` (sample std over folds; NaN for
-    one fold) and ``n_folds`` (folds where the value is defined), methods in their order of ``df``.
-
-    Examples
-    --------
-    >>> imagene.bench.summarize(imagene.bench.run(adata))
-    """
-    missing = {"method", "fold", "metric", "value"} - set(df.columns)
-    if missing:
-        raise KeyError(f"df lacks columns {sorted(missing)}; pass the DataFrame returned by imagene.bench.run.")
-    order = list(dict.fromkeys(df["method"]))
-    metrics = list(dict.fromkeys(df["metric"]))
-    g = df.groupby(["method", "metric"], sort=False)["value"]
-    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_folds": g.count()}).reset_index()
-    out["method"] = pd.Categorical(out["method"], categories=order)
-    out["metric"] = pd.Categorical(out["metric"], categories=metrics)
-    out = out.sort_values(["method", "metric"]).reset_index(drop=True)
-    out["method"] = out["method"].astype(str)
-    out["metric"] = out["metric"].astype(str)
-    return out

@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, progress
-from imagene.metrics import gene_pearson, mse, top_expressed_genes
+from imagene.metrics import gene_pearson, mean_pearson, mse, top_expressed_genes
 
 logger = logging.getLogger("imagene")
 
@@ -24,7 +24,7 @@ def _scores(y: np.ndarray, pred: np.ndarray, n_top: int) -> dict[str, float]:
     r = gene_pearson(y, pred)
     ok = np.sort(r[np.isfinite(r)])[::-1]
     return {
-        "pcc_m": float(ok.mean()) if ok.size else float("nan"),
+        "pcc_m": mean_pearson(y, pred),
         "pcc_h": float(ok[:n_top].mean()) if ok.size else float("nan"),
         "mse": mse(y, pred),
         "n_genes": int(y.shape[1]),
@@ -57,7 +57,7 @@ def zero_shot(
 
     - ``'alignst'``: :class:`imagene.model.AlignST` trained on the seen genes, predicting the unseen
       ones from their descriptions (zero-shot).
-    - ``'ridge_supervised'``: the HEST ridge probe (:func:`imagene.bench.ridge_probe`) trained WITH
+    - ``'ridge_supervised'``: the HEST ridge probe (:meth:`imagene.bench.RidgeProbe.fit_predict`) trained WITH
       the unseen genes' expression (the supervised reference, not zero-shot).
     - ``'nearest_seen_gene'``: gene-agnostic baseline: each unseen gene gets the ridge prediction of
       its nearest seen gene in description space (cosine of all-MiniLM-L6-v2 sentence embeddings).
@@ -104,7 +104,7 @@ def zero_shot(
     >>> res = imagene.bench.zero_shot(adata, section_key="section", max_epochs=30)
     >>> res.groupby("method")[["pcc_m", "pcc_h", "mse"]].mean()
     """
-    from imagene.bench._baselines import ridge_probe
+    from imagene.bench._baselines import RidgeProbe
     from imagene.bench._runner import _folds
     from imagene.datasets import gene_descriptions
     from imagene.model import AlignST
@@ -152,7 +152,7 @@ def zero_shot(
                          "seconds": time.perf_counter() - t})
         if "ridge_supervised" in methods:
             t = time.perf_counter()
-            pred = ridge_probe(feats[train_idx], y_train[:, unseen_idx], feats[test_idx], seed=settings.seed or 0)
+            pred = RidgeProbe().fit_predict(feats[train_idx], y_train[:, unseen_idx], feats[test_idx], seed=settings.seed or 0)
             rows.append({"fold": fold, "method": "ridge_supervised", **_scores(y_true, pred, n_top),
                          "seconds": time.perf_counter() - t})
         if "nearest_seen_gene" in methods:
@@ -163,7 +163,8 @@ def zero_shot(
             e_unseen = enc.encode(list(described[unseen]))
             e_seen = enc.encode(list(described[seen]))
             nearest = np.argmax(e_unseen @ e_seen.T, axis=1)
-            pred_seen = ridge_probe(feats[train_idx], y_train[:, seen_idx], feats[test_idx], seed=settings.seed or 0)
+            pred_seen = RidgeProbe().fit_predict(feats[train_idx], y_train[:, seen_idx], feats[test_idx],
+                                                 seed=settings.seed or 0)
             pred = pred_seen[:, nearest]
             rows.append({"fold": fold, "method": "nearest_seen_gene", **_scores(y_true, pred, n_top),
                          "seconds": time.perf_counter() - t})
