@@ -165,20 +165,29 @@ def run_command(args: argparse.Namespace) -> int:
     -------
     The exit status.
     """
+    from imagene._settings import settings
+
+    previous = settings.progress_bar
+    settings.progress_bar = not args.quiet
+    try:
+        return _run_command(args)
+    finally:
+        settings.progress_bar = previous  # the command leaves the global settings as it found them
+
+
+def _run_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from imagene._settings import settings
     from imagene._version import __version__
     from imagene.bench._data import read_sections
     from imagene.bench._report import _markdown, per_fold_table, summarize, write_results
-    from imagene.bench._runner import _run_tasks, default_methods
+    from imagene.bench._runner import default_methods, run
 
     t_start = time.perf_counter()
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "cache"
     tasks = list(TASKS) if args.task == "all" else [args.task]
     scales = dict(args.image_scale)
-    settings.progress_bar = not args.quiet
     if args.data is not None and not Path(args.data).is_dir():
         raise SystemExit(f"imagene bench: --data {args.data} is not a folder.")
     check_methods(args.methods, tasks)  # a typo fails here, before any section is read or tiled
@@ -203,8 +212,8 @@ def run_command(args: argparse.Namespace) -> int:
             sys.stderr.write(f"imagene bench: skipping {lacking} (their context features are built with --context)\n")
             methods = [m for m in methods if m.name not in lacking] or methods
         seeds = [args.seed + i for i in range(args.n_seeds)] if group == ("clustering",) else [args.seed]
-        dfs = _run_tasks(
-            adata, group, section_key="section", methods=methods, split=args.split, patient_key="patient",
+        dfs = run(
+            adata, task=list(group), section_key="section", methods=methods, split=args.split, patient_key="patient",
             image_key=f"X_he_{args.encoder}", layer="counts", label_key="label", ignore_labels=("undetermined",),
             n_genes=50, min_detected=0.1, max_epochs=args.epochs, seeds=seeds, n_spot_folds=5, clustering_kwargs=None,
             test_sections=args.test_sections if group != ("clustering",) else None,

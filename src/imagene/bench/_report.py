@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from imagene.bench._runner import RECALL_PERCENTS
+from imagene.bench._tasks import RECALL_PERCENTS
 
 #: headline metrics of each task, in display order (regular expressions over metric names)
 HEADLINE: dict[str, tuple[str, ...]] = {

@@ -13,23 +13,10 @@ from anndata import AnnData
 
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, progress
-from imagene.metrics import gene_pearson, mean_pearson, mse, top_expressed_genes
 
 logger = logging.getLogger("imagene")
 
 ZERO_SHOT_METHODS = ("alignst", "ridge_supervised", "nearest_seen_gene")
-
-
-def _scores(y: np.ndarray, pred: np.ndarray, n_top: int) -> dict[str, float]:
-    r = gene_pearson(y, pred)
-    ok = np.sort(r[np.isfinite(r)])[::-1]
-    return {
-        "pcc_m": mean_pearson(y, pred),
-        "pcc_h": float(ok[:n_top].mean()) if ok.size else float("nan"),
-        "mse": mse(y, pred),
-        "n_genes": int(y.shape[1]),
-        "n_undefined": int((~np.isfinite(r)).sum()),
-    }
 
 
 def zero_shot(
@@ -105,7 +92,8 @@ def zero_shot(
     >>> res.groupby("method")[["pcc_m", "pcc_h", "mse"]].mean()
     """
     from imagene.bench._baselines import RidgeProbe
-    from imagene.bench._runner import _folds
+    from imagene.bench._runner import _check_image_key
+    from imagene.bench._tasks import RunSpec, ZeroShotGenesTask
     from imagene.datasets import gene_descriptions
     from imagene.model import AlignST
 
@@ -113,18 +101,14 @@ def zero_shot(
     unknown = set(methods) - set(ZERO_SHOT_METHODS)
     if unknown:
         raise ValueError(f"Unknown methods {sorted(unknown)}; choose from {list(ZERO_SHOT_METHODS)}.")
-    if image_key not in adata.obsm:
-        raise KeyError(f"adata.obsm[{image_key!r}] not found; embed the tiles first (`imagene.pp.embed_tiles`).")
     if section_key not in adata.obs:
         raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `section_key=`.")
+    image_key = _check_image_key(adata, image_key)  # the runner's guard: frozen features, not a fit over all spots
     counts = get_counts(adata, layer)
-    folds = _folds(adata, split="section", section_key=section_key, patient_key="patient", n_spot_folds=5, seed=0)
-    if test_sections is not None:
-        names = [f for f, _ in folds]
-        missing = set(test_sections) - set(names)
-        if missing:
-            raise ValueError(f"test_sections {sorted(missing)} not in adata.obs[{section_key!r}] ({names}).")
-        folds = [(f, m) for f, m in folds if f in set(test_sections)]
+    task = ZeroShotGenesTask(n_unseen=n_unseen, n_seen=n_seen, n_top=n_top)
+    spec = RunSpec(section_key=section_key, split="section", patient_key="patient", label_key="label",
+                   ignore_labels=(), n_spot_folds=5, test_sections=test_sections)
+    folds = [(f.name, ~f.train) for f in task.folds(adata, spec, seed=0)]
     described = gene_descriptions(list(adata.var_names))
     has_text = adata.var_names.isin(described.index)
     feats = np.asarray(adata.obsm[image_key], dtype=np.float32)
@@ -133,9 +117,7 @@ def zero_shot(
         train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
         y_train = log_normalize(counts[train_idx])
         y_test = log_normalize(counts[test_idx])
-        cand = np.flatnonzero(has_text)
-        order = cand[top_expressed_genes(y_train[:, cand], n=n_unseen + n_seen)]  # training sections only
-        unseen_idx, seen_idx = order[:n_unseen], order[n_unseen:]
+        unseen_idx, seen_idx = task.choose_genes(y_train, has_text)  # training sections only
         unseen = list(adata.var_names[unseen_idx])
         seen = list(adata.var_names[seen_idx])
         y_true = y_test[:, unseen_idx]
@@ -148,12 +130,12 @@ def zero_shot(
             model.train(max_epochs=max_epochs, seen_genes=seen, unseen_genes=unseen, **(train_kwargs or {}))
             query = adata[test_idx].copy()
             pred = model.predict_expression(query, genes=unseen, return_numpy=True)
-            rows.append({"fold": fold, "method": "alignst", **_scores(y_true, pred, n_top),
+            rows.append({"fold": fold, "method": "alignst", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
         if "ridge_supervised" in methods:
             t = time.perf_counter()
             pred = RidgeProbe().fit_predict(feats[train_idx], y_train[:, unseen_idx], feats[test_idx], seed=settings.seed or 0)
-            rows.append({"fold": fold, "method": "ridge_supervised", **_scores(y_true, pred, n_top),
+            rows.append({"fold": fold, "method": "ridge_supervised", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
         if "nearest_seen_gene" in methods:
             from imagene.nn import get_text_encoder
@@ -166,6 +148,6 @@ def zero_shot(
             pred_seen = RidgeProbe().fit_predict(feats[train_idx], y_train[:, seen_idx], feats[test_idx],
                                                  seed=settings.seed or 0)
             pred = pred_seen[:, nearest]
-            rows.append({"fold": fold, "method": "nearest_seen_gene", **_scores(y_true, pred, n_top),
+            rows.append({"fold": fold, "method": "nearest_seen_gene", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
     return pd.DataFrame(rows)
