@@ -174,6 +174,9 @@ def test_inputs_fitted_on_all_spots_and_ambiguous_names_are_refused(synthetic):
     with pytest.raises(ValueError, match="does not take part"):
         bench.run(synthetic, task="retrieval", methods=[MeanExpression()])
     with pytest.raises(KeyError, match="sect"):
+        bench.run(synthetic, library_key="sect", methods=[MeanExpression()])
+    # the old name of the keyword still works, with a FutureWarning
+    with pytest.warns(FutureWarning, match="library_key"), pytest.raises(KeyError, match="sect"):
         bench.run(synthetic, section_key="sect", methods=[MeanExpression()])
 
 
@@ -182,6 +185,10 @@ def test_inputs_fitted_on_all_spots_and_ambiguous_names_are_refused(synthetic):
 # ------------------------------------------------------------------------------------------
 def test_expression_scores_of_the_mean_floor_by_hand(synthetic):
     df = bench.run(synthetic, methods=[MeanExpression()], n_genes=10)
+    with pytest.warns(FutureWarning, match="section_key"):
+        old = bench.run(synthetic, section_key="section", methods=[MeanExpression()], n_genes=10)
+    keep = df["metric"] != "seconds"
+    pd.testing.assert_frame_equal(old[keep], df[keep])
     assert list(df.columns) == ["method", "fold", "metric", "value"]
     sections = synthetic.obs["section"].astype(str).to_numpy()
     counts = synthetic.layers["counts"].toarray()

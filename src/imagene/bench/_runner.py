@@ -17,6 +17,7 @@ from anndata import AnnData
 from imagene._constants import KEYS
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, warn
+from imagene._validate import renamed_kwarg
 from imagene.bench._methods import TASKS, FoldContext, Method
 from imagene.bench._tasks import RECALL_PERCENTS, SPLITS, TASK_TYPES, Fold, RunSpec, Task, TestPart, check_split
 from imagene.metrics import top_expressed_genes, top_variable_genes
@@ -256,7 +257,7 @@ def _subset(
 def run(
     adata: AnnData,
     *,
-    section_key: str = KEYS.SECTION,
+    library_key: str | None = None,
     task: str | Sequence[str] = "expression",
     methods: Sequence[Method] | None = None,
     split: str = "section",
@@ -272,6 +273,7 @@ def run(
     n_spot_folds: int = 5,
     clustering_kwargs: dict[str, Any] | None = None,
     test_sections: Sequence[str] | None = None,
+    section_key: str | None = None,
 ) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Score methods on held-out sections: fit on the training sections only, score the held-out one.
 
@@ -304,8 +306,8 @@ def run(
     adata
         Sections with raw counts, frozen image features in ``obsm`` (``X_he_<encoder>``), unique
         ``obs_names`` and a section column.
-    section_key
-        ``obs`` column of sections.
+    library_key
+        ``obs`` column of sections (default ``'section'``).
     task
         ``'expression'``, ``'retrieval'`` or ``'clustering'``; or a list of ``'expression'`` and
         ``'retrieval'``, scored on the same fit of each method and fold.
@@ -342,6 +344,8 @@ def run(
         once on every section NOT listed (genes, HVG / HEG and every scaler chosen there), then
         scores each listed section as its own fold, the way new slides are predicted from a
         trained model. ``None`` (default) leaves every section out in turn.
+    section_key
+        Old name of ``library_key`` (FutureWarning).
 
     Returns
     -------
@@ -351,10 +355,12 @@ def run(
 
     Examples
     --------
-    >>> df = imagene.bench.run(adata, section_key="section", task="expression")
+    >>> df = imagene.bench.run(adata, library_key="section", task="expression")
     >>> imagene.bench.summarize(df)
     """
     check_adata(adata)
+    library_key = renamed_kwarg("library_key", library_key, "section_key", section_key, where="imagene.bench.run")
+    library_key = KEYS.SECTION if library_key is None else library_key
     tasks = (task,) if isinstance(task, str) else tuple(task)
     if not tasks:
         raise TypeError(f"task must be a task name or a non-empty list of them; got {task!r}.")
@@ -364,7 +370,7 @@ def run(
     if len({o.fold_kind for o in objs}) > 1:
         raise ValueError("The clustering task has its own folds (labelled sections); run it separately.")
     spec = RunSpec(
-        section_key=section_key, split=split, patient_key=patient_key, label_key=label_key,
+        section_key=library_key, split=split, patient_key=patient_key, label_key=label_key,
         ignore_labels=tuple(ignore_labels), n_spot_folds=n_spot_folds, test_sections=test_sections,
         clustering_kwargs=_check_clustering_kwargs(clustering_kwargs),
     )
@@ -459,7 +465,7 @@ def _run(
     for t in tasks:
         t.check(adata, spec)
     if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `section_key=`.")
+        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `library_key=`.")
     if adata.obs_names.has_duplicates:
         raise ValueError(
             "adata.obs_names are not unique, so held-out spots cannot be told from training spots. Concatenate "

@@ -247,7 +247,7 @@ def expression_rows(y_true: np.ndarray, pred: np.ndarray, ctx: FoldContext) -> l
 
 
 class RetrievalTask(_HeldOut):
-    """Image ↔ gene retrieval among the held-out spots of a fold: ``recall{5,10,15}_i2g`` / ``_g2i`` and their mean."""
+    """Image ↔ gene retrieval among a fold's held-out spots: ``recall{5,10,15}_i2g`` / ``_g2i`` and their mean."""
 
     name = "retrieval"
 

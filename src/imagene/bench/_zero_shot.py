@@ -22,7 +22,7 @@ ZERO_SHOT_METHODS = ("alignst", "ridge_supervised", "nearest_seen_gene")
 def zero_shot(
     adata: AnnData,
     *,
-    section_key: str = "section",
+    library_key: str | None = None,
     layer: str | None = "counts",
     image_key: str = "X_he_efficientnet_lite0",
     test_sections: Sequence[str] | None = None,
@@ -34,6 +34,7 @@ def zero_shot(
     model_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     show_progress_bar: bool = True,
+    section_key: str | None = None,
 ) -> pd.DataFrame:
     """Leave-one-section-out evaluation of expression prediction for genes never seen in training.
 
@@ -58,8 +59,8 @@ def zero_shot(
     adata
         Several sections with raw counts, frozen tile features, spot centres (and images or
         ``obsm['imagene_nuclei']`` for nuclei maps).
-    section_key
-        ``obs`` column of sections.
+    library_key
+        ``obs`` column of sections (default ``'section'``).
     layer
         Layer of raw counts.
     image_key
@@ -80,6 +81,8 @@ def zero_shot(
         Passed to :class:`imagene.model.AlignST` and its ``train``.
     show_progress_bar
         Show a progress bar over folds.
+    section_key
+        Old name of ``library_key`` (FutureWarning).
 
     Returns
     -------
@@ -88,7 +91,7 @@ def zero_shot(
 
     Examples
     --------
-    >>> res = imagene.bench.zero_shot(adata, section_key="section", max_epochs=30)
+    >>> res = imagene.bench.zero_shot(adata, library_key="section", max_epochs=30)
     >>> res.groupby("method")[["pcc_m", "pcc_h", "mse"]].mean()
     """
     from imagene.bench._baselines import RidgeProbe
@@ -97,12 +100,17 @@ def zero_shot(
     from imagene.datasets import gene_descriptions
     from imagene.model import AlignST
 
+    from imagene._validate import renamed_kwarg
+
     check_adata(adata)
+    library_key = renamed_kwarg("library_key", library_key, "section_key", section_key,
+                                where="imagene.bench.zero_shot")
+    section_key = "section" if library_key is None else library_key
     unknown = set(methods) - set(ZERO_SHOT_METHODS)
     if unknown:
         raise ValueError(f"Unknown methods {sorted(unknown)}; choose from {list(ZERO_SHOT_METHODS)}.")
     if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `section_key=`.")
+        raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `library_key=`.")
     image_key = _check_image_key(adata, image_key)  # the runner's guard: frozen features, not a fit over all spots
     counts = get_counts(adata, layer)
     task = ZeroShotGenesTask(n_unseen=n_unseen, n_seen=n_seen, n_top=n_top)
@@ -134,7 +142,8 @@ def zero_shot(
                          "seconds": time.perf_counter() - t})
         if "ridge_supervised" in methods:
             t = time.perf_counter()
-            pred = RidgeProbe().fit_predict(feats[train_idx], y_train[:, unseen_idx], feats[test_idx], seed=settings.seed or 0)
+            pred = RidgeProbe().fit_predict(feats[train_idx], y_train[:, unseen_idx], feats[test_idx],
+                                            seed=settings.seed or 0)
             rows.append({"fold": fold, "method": "ridge_supervised", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
         if "nearest_seen_gene" in methods:
