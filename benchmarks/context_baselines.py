@@ -139,7 +139,7 @@ def _evaluate_stain(adata, label: str, cache: Path) -> tuple[list[dict], list[di
     plain = ig.bench.RidgeProbe()
     stained = ig.bench.ContextRidge(context_key=key)
     stained.name = "ridge_probe[macenko]"
-    df = ig.bench.run(adata, section_key="section", task="expression", methods=[plain, stained], image_key=SPOT)
+    df = ig.bench.run(adata, library_key="section", task="expression", methods=[plain, stained], image_key=SPOT)
     summary = ig.bench.summarize(df)
     summary.insert(0, "data", label)
     return df.assign(data=label).to_dict("records"), summary.to_dict("records")
@@ -153,7 +153,7 @@ def _evaluate(adata, label: str) -> tuple[list[dict], list[dict]]:
         m.name = f"context_ridge[{name}]"
         methods.append(m)
     t0 = time.perf_counter()
-    df = ig.bench.run(adata, section_key="section", task="expression", methods=methods, image_key=SPOT)
+    df = ig.bench.run(adata, library_key="section", task="expression", methods=methods, image_key=SPOT)
     seconds = time.perf_counter() - t0
     summary = ig.bench.summarize(df)
     summary.insert(0, "data", label)

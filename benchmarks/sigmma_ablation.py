@@ -63,7 +63,8 @@ class LatentProbe(ImageneModel):
 
     def predict_expression(self, test) -> np.ndarray:
         z, y, seed = self.train_
-        return ig.bench.ridge_probe(z, y, np.asarray(self.embed(test, "image"), dtype=np.float64), seed=seed)
+        x_test = np.asarray(self.embed(test, "image"), dtype=np.float64)
+        return ig.bench.RidgeProbe().fit_predict(z, y, x_test, seed=seed)
 
 
 def methods_for(names: list[str], max_epochs: int) -> list:

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "imagene"
 
 # bottom to top: a module may import its own layer and the layers below it, never above
 LAYERS: list[set[str]] = [
-    {"_constants", "_settings", "_utils", "_validate", "_version"},  # core helpers, no science
+    {"_console", "_constants", "_settings", "_utils", "_validate", "_version"},  # core helpers, no science
     {"metrics", "io", "nn"},  # numbers from arrays; readers; torch blocks (no AnnData)
     {"datasets"},  # published and synthetic data, read through io
     {"pp"},  # every input a model needs, written to documented AnnData keys

@@ -174,6 +174,9 @@ def test_inputs_fitted_on_all_spots_and_ambiguous_names_are_refused(synthetic):
     with pytest.raises(ValueError, match="does not take part"):
         bench.run(synthetic, task="retrieval", methods=[MeanExpression()])
     with pytest.raises(KeyError, match="sect"):
+        bench.run(synthetic, library_key="sect", methods=[MeanExpression()])
+    # the old name of the keyword still works, with a FutureWarning
+    with pytest.warns(FutureWarning, match="library_key"), pytest.raises(KeyError, match="sect"):
         bench.run(synthetic, section_key="sect", methods=[MeanExpression()])
 
 
@@ -182,6 +185,10 @@ def test_inputs_fitted_on_all_spots_and_ambiguous_names_are_refused(synthetic):
 # ------------------------------------------------------------------------------------------
 def test_expression_scores_of_the_mean_floor_by_hand(synthetic):
     df = bench.run(synthetic, methods=[MeanExpression()], n_genes=10)
+    with pytest.warns(FutureWarning, match="section_key"):
+        old = bench.run(synthetic, section_key="section", methods=[MeanExpression()], n_genes=10)
+    keep = df["metric"] != "seconds"
+    pd.testing.assert_frame_equal(old[keep], df[keep])
     assert list(df.columns) == ["method", "fold", "metric", "value"]
     sections = synthetic.obs["section"].astype(str).to_numpy()
     counts = synthetic.layers["counts"].toarray()
@@ -206,8 +213,10 @@ def test_summarize_is_mean_and_std_over_folds(synthetic):
     assert s.loc[("ridge_probe", "pcc_hvg10"), "std"] == pytest.approx(vals.std(ddof=1))
     # image features carry the synthetic domains: the probe beats chance on the held-out sections
     assert vals.mean() > 0.2
-    table = bench.summary_table(df, "expression")
+    table = bench.summarize(df, "expression")
     assert table.loc["mean_expression", "PCC HVG10"] == "undefined"
+    with pytest.warns(FutureWarning, match="summarize"):  # the old name, kept as an alias
+        pd.testing.assert_frame_equal(bench.summary_table(df, "expression"), table)
 
 
 class Oracle(Method):
@@ -358,11 +367,13 @@ def test_stnet_head_learns_from_image_features(synthetic):
 
 
 def test_ridge_probe_recovers_a_linear_map():
-    ridge_probe = bench.ridge_probe
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5))
     y = x @ rng.normal(size=(5, 3))
-    np.testing.assert_allclose(ridge_probe(x, y, x[:4]), y[:4], atol=0.05)
+    pred = bench.RidgeProbe().fit_predict(x, y, x[:4])
+    np.testing.assert_allclose(pred, y[:4], atol=0.05)
+    with pytest.warns(FutureWarning, match="RidgeProbe"):  # the old function, kept as an alias
+        np.testing.assert_array_equal(bench.ridge_probe(x, y, x[:4]), pred)
 
 
 # ------------------------------------------------------------------------------------------

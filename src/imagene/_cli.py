@@ -4,59 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
-
-class LazyHelp(str):
-    """A help text computed only when help is printed (the names it lists need heavy imports)."""
-
-    def __new__(cls, make: Callable[[], str]) -> LazyHelp:
-        obj = super().__new__(cls, "...")
-        obj.make = make
-        return obj
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Expands :class:`LazyHelp` texts."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help
-        return text.make() if isinstance(text, LazyHelp) else super()._get_help_string(action)
+from imagene._console import HelpFormatter, LazyHelp, encoder_help, print_timings
 
 
 class _RawDescription(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Keeps the top-level description (a small table of commands) as written."""
 
 
-def encoder_help() -> str:
-    """Help text of ``--encoder``: the registered names and the other forms accepted."""
+def _encoder_help() -> str:
     from imagene.nn import list_image_encoders
 
-    return (
-        f"image encoder (default: %(default)s): one of {', '.join(list_image_encoders())}; any timm model name; "
-        "'local-dir:/path/to/folder' (timm config.json + weights); see docs/encoders.md"
-    )
-
-
-def print_timings(timings: Mapping[str, float], *, stream=None) -> None:
-    """Write one line per step, ``name  seconds``, in the order of ``timings``.
-
-    Parameters
-    ----------
-    timings
-        Seconds by step name (a trailing ``'_s'`` is dropped from names).
-    stream
-        Where to write (default: standard output).
-
-    Returns
-    -------
-    Nothing.
-    """
-    stream = sys.stdout if stream is None else stream
-    width = max((len(k.removesuffix("_s")) for k in timings), default=0)
-    stream.write("Time per step:\n")
-    for name, seconds in timings.items():
-        stream.write(f"  {name.removesuffix('_s'):<{width}}  {float(seconds):8.1f} s\n")
+    return encoder_help(list_image_encoders())
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -138,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--sections", nargs="+", default=None, metavar="S",
                       help="sections to use (default: B4 C2 C3 C4 for her2st, else all)")
     demo.add_argument("--test-section", default=None, help="section held out for testing (default: the last one)")
-    demo.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(encoder_help))
+    demo.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(_encoder_help))
     demo.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     demo.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -111,7 +111,7 @@ def run_demo(
     matplotlib.use("Agg")
     import imagene as ig
     from imagene._utils import log_normalize
-    from imagene.bench import ridge_probe
+    from imagene.bench import RidgeProbe
     from imagene.metrics import gene_pearson, mse, top_expressed_genes, top_variable_genes
 
     t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def run_demo(
 
     y_train = log_normalize(train.layers["counts"])
     y_test = log_normalize(test.layers["counts"])
-    probe_pred = ridge_probe(train.obsm[image_key], y_train, test.obsm[image_key], seed=seed)
+    probe_pred = RidgeProbe().fit_predict(train.obsm[image_key], y_train, test.obsm[image_key], seed=seed)
     mean_pred = np.broadcast_to(y_train.mean(0), y_test.shape)
     ump = test.layers["imagene_predicted"]
     result: dict = {

@@ -14,13 +14,14 @@ from imagene.bench._baselines import (
     RandomReference,
     RidgeProbe,
     STNetHead,
-    ridge_probe,
+    ridge_probe,  # noqa: F401  (deprecated alias of RidgeProbe.fit_predict, not in __all__)
 )
 from imagene.bench._command import main
 from imagene.bench._data import read_sections
 from imagene.bench._methods import FoldContext, ImageneModel, Method, bleep_style
-from imagene.bench._report import per_fold_table, plot_results, summary_table, write_results
-from imagene.bench._runner import default_methods, run, summarize
+from imagene.bench._report import per_fold_table, plot_results, summarize, write_results
+from imagene.bench._report import summary_table  # noqa: F401  (deprecated alias of summarize)
+from imagene.bench._runner import default_methods, run
 from imagene.bench._zero_shot import zero_shot
 
 __all__ = [
@@ -40,10 +41,8 @@ __all__ = [
     "per_fold_table",
     "plot_results",
     "read_sections",
-    "ridge_probe",
     "run",
     "summarize",
-    "summary_table",
     "write_results",
     "zero_shot",
 ]

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from imagene._utils import log_normalize
 from imagene.bench._methods import FoldContext, Method, training_log1p
-from imagene.pp._context import CONTEXT_SUFFIX
+from imagene.pp import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
 
@@ -30,35 +30,30 @@ def _ridge_pipeline(n_obs: int, n_features: int, *, n_components: int = 256, see
 def ridge_probe(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, n_components: int = 256, seed: int = 0
 ) -> np.ndarray:
-    """HEST-Benchmark probe: StandardScaler → PCA(256) → ridge, fitted on training spots only.
-
-    The ridge penalty is chosen by efficient leave-one-out cross-validation on the training spots
-    (one penalty for all genes, from 13 values between 0.1 and 1e5).
+    """Deprecated alias of :meth:`imagene.bench.RidgeProbe.fit_predict` (FutureWarning).
 
     Parameters
     ----------
-    x_train
-        (n_train, d) frozen image features of the training spots.
-    y_train
-        (n_train, n_genes) training targets (``log1p`` CP10k).
-    x_test
-        (n_test, d) features of the held-out spots.
+    x_train, y_train, x_test
+        As :meth:`imagene.bench.RidgeProbe.fit_predict`.
     n_components
-        PCA components (capped at ``n_train - 1`` and ``d``).
+        PCA components.
     seed
         Seed of the PCA solver.
 
     Returns
     -------
     (n_test, n_genes) predictions.
-
-    Examples
-    --------
-    >>> pred = ridge_probe(train.obsm["X_he_efficientnet_lite0"], y_train, test.obsm["X_he_efficientnet_lite0"])
     """
-    probe = _ridge_pipeline(x_train.shape[0], x_train.shape[1], n_components=n_components, seed=seed)
-    probe.fit(x_train, y_train)
-    return probe.predict(x_test)
+    import warnings
+
+    warnings.warn(
+        "imagene.bench.ridge_probe(x_train, y_train, x_test) is deprecated; use "
+        "imagene.bench.RidgeProbe(n_components).fit_predict(x_train, y_train, x_test, seed=seed).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return RidgeProbe(n_components=n_components).fit_predict(x_train, y_train, x_test, seed=seed)
 
 
 class _Regressor(Method):
@@ -104,10 +99,10 @@ class _Regressor(Method):
 
 
 class RidgeProbe(_Regressor):
-    """The HEST-Benchmark probe on frozen tile features: StandardScaler → PCA(256) → ridge (:func:`ridge_probe`).
+    """The HEST-Benchmark probe on frozen tile features: StandardScaler → PCA(256) → ridge.
 
     Targets are ``log1p`` CP10k of every training gene; scaler, PCA and penalty are fitted on the
-    fold's training spots only.
+    fold's training spots only. :meth:`fit_predict` is the same probe on arrays, outside the runner.
 
     Parameters
     ----------
@@ -145,6 +140,36 @@ class RidgeProbe(_Regressor):
 
     def _key(self, ctx: FoldContext) -> str:
         return ctx.image_key
+
+    def fit_predict(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, seed: int = 0) -> np.ndarray:
+        """The probe on arrays, outside the runner: fit on ``(x_train, y_train)``, predict ``x_test``.
+
+        The ridge penalty is chosen by efficient leave-one-out cross-validation on the training
+        spots (one penalty for all genes, from 13 values between 0.1 and 1e5).
+
+        Parameters
+        ----------
+        x_train
+            (n_train, d) frozen image features of the training spots.
+        y_train
+            (n_train, n_genes) training targets (``log1p`` CP10k).
+        x_test
+            (n_test, d) features of the held-out spots.
+        seed
+            Seed of the PCA solver.
+
+        Returns
+        -------
+        (n_test, n_genes) predictions.
+
+        Examples
+        --------
+        >>> x = train.obsm["X_he_efficientnet_lite0"]
+        >>> pred = imagene.bench.RidgeProbe().fit_predict(x, y_train, test.obsm["X_he_efficientnet_lite0"])
+        """
+        probe = _ridge_pipeline(x_train.shape[0], x_train.shape[1], n_components=self.n_components, seed=seed)
+        probe.fit(x_train, y_train)
+        return probe.predict(x_test)
 
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Ridge predictions from the image features.
@@ -220,7 +245,8 @@ class STNetHead(_Regressor):
     ST-Net fine-tunes a DenseNet-121 on the tiles; on CPU within the benchmark's budget this
     baseline keeps the encoder frozen (the fold's frozen tile features) and trains the linear head
     on standardised features with AdamW and an MSE loss on ``log1p`` CP10k of every training gene.
-    The head starts as the mean-expression floor (zero weights, bias = training mean) and, like
+    The head trains through :class:`imagene.train.RegressionTask` and :func:`imagene.train.fit`.
+    It starts as the mean-expression floor (zero weights, bias = training mean) and, like
     UMPIRE, stops early on a held-out TRAINING section (the last one, sorted; 10 % of spots when
     there is one section), keeping the weights of the best validation epoch (the starting point
     included, so it never ends worse than the floor on validation). Zero initialisation and
@@ -278,6 +304,9 @@ class STNetHead(_Regressor):
         Nothing.
         """
         import torch
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        from imagene.train import RegressionTask, RestoreBestWeights, fit, tensor_loaders
 
         y = self._fit_targets(train, ctx).astype(np.float32)
         x = np.asarray(train.obsm[ctx.image_key], dtype=np.float32)
@@ -292,44 +321,32 @@ class STNetHead(_Regressor):
         self.x_mean_ = x[~is_val].mean(0)
         sd = x[~is_val].std(0)
         self.x_sd_ = np.where(sd > 0, sd, 1.0).astype(np.float32)
-        xs = torch.as_tensor((x - self.x_mean_) / self.x_sd_)
-        yt = torch.as_tensor(y)
+        xs = (x - self.x_mean_) / self.x_sd_
         tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         head = torch.nn.Linear(x.shape[1], y.shape[1])
         with torch.no_grad():  # start from the mean-expression floor: zero weights, bias = training mean
             head.weight.zero_()
             head.bias.copy_(torch.as_tensor(y[tr].mean(0)))
-        opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        gen = torch.Generator().manual_seed(int(ctx.seed))
-        with torch.no_grad():
-            best = float(torch.nn.functional.mse_loss(head(xs[va]), yt[va]))
-        best_state, since = {k: v.detach().clone() for k, v in head.state_dict().items()}, 0
-        epochs = int(self.max_epochs or ctx.max_epochs)
-        self.epochs_run_ = 0
-        for _ in range(epochs):
-            head.train()
-            order = torch.as_tensor(tr)[torch.randperm(len(tr), generator=gen)]
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                loss = torch.nn.functional.mse_loss(head(xs[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            self.epochs_run_ += 1
-            head.eval()
-            with torch.no_grad():
-                val = float(torch.nn.functional.mse_loss(head(xs[va]), yt[va]))
-            if val < best - 1e-6:
-                best, since = val, 0
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            else:
-                since += 1
-                if since >= self.patience:
-                    break
-        head.load_state_dict(best_state)
+            floor = float(torch.nn.functional.mse_loss(head(torch.as_tensor(xs[va])), torch.as_tensor(y[va])))
+        # the floor is the first candidate of early stopping and of the best weights, so the head never ends worse
+        # than the floor on validation; an epoch counts as better when it lowers the validation MSE by 1e-6
+        stop = EarlyStopping(monitor="validation_loss", mode="min", patience=self.patience, min_delta=1e-6)
+        stop.best_score = torch.tensor(floor)
+        best = RestoreBestWeights(monitor="validation_loss", mode="min")
+        best.best, best.best_epoch = floor, -1
+        best._state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        task = RegressionTask(head, lr=self.lr, weight_decay=self.weight_decay)
+        train_dl, val_dl = tensor_loaders(xs, y, tr, va, batch_size=self.batch_size, seed=int(ctx.seed))
+        trainer = fit(
+            task, train_dl, val_dl, max_epochs=int(self.max_epochs or ctx.max_epochs), accelerator="cpu", devices=1,
+            enable_progress_bar=False, callbacks=[stop, best], what="the ST-Net-style head",
+            check_weights_changed=False,  # ending on the floor (the starting weights) is a legitimate result
+        )
+        self.epochs_run_ = int(trainer.current_epoch)
+        self.history_ = task.history
         self.weight_ = head.weight.detach().numpy().T.copy()
         self.bias_ = head.bias.detach().numpy().copy()
-        self.best_validation_mse_ = best
+        self.best_validation_mse_ = float(best.best)
 
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Linear-head predictions from the image features.

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from imagene._console import HelpFormatter, LazyHelp, encoder_help, print_timings
 from imagene.bench._methods import TASKS
 
 DEFAULT_SECTIONS = ("B4", "C2", "C3", "C4")
@@ -75,6 +76,12 @@ def check_methods(names: Sequence[str] | None, tasks: Sequence[str]) -> None:
         )
 
 
+def _encoder_help() -> str:
+    from imagene.nn import list_image_encoders
+
+    return encoder_help(list_image_encoders())
+
+
 def _scale(text: str) -> tuple[str, float]:
     section, sep, value = text.partition("=")
     try:
@@ -115,8 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="section", choices=["section", "patient"],
                         help="leave one section or one patient out (patients: obs 'patient' or the letter of a "
                         "her2st id, e.g. C for C2)")
-    from imagene._cli import LazyHelp, encoder_help
-
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help=LazyHelp(_methods_help))
     parser.add_argument("--test-sections", nargs="+", default=None,
                         help="a fixed test set: fit once on the other --sections, score each of these (expression "
@@ -124,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", action="store_true",
                         help="also build the context features of context_ridge (tiles of 1, 2 and 4 x --tile-um "
                         "averaged over 4 flips, mean of the 6 nearest spots; cached like the tile features)")
-    parser.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(encoder_help))
+    parser.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(_encoder_help))
     parser.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in microns (default: 112)")
     parser.add_argument("--epochs", type=int, default=100, help="maximum training epochs (default: 100)")
@@ -160,19 +165,29 @@ def run_command(args: argparse.Namespace) -> int:
     -------
     The exit status.
     """
+    from imagene._settings import settings
+
+    previous = settings.progress_bar
+    settings.progress_bar = not args.quiet
+    try:
+        return _run_command(args)
+    finally:
+        settings.progress_bar = previous  # the command leaves the global settings as it found them
+
+
+def _run_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import imagene as ig
+    from imagene._version import __version__
     from imagene.bench._data import read_sections
-    from imagene.bench._report import _markdown, per_fold_table, summary_table, write_results
-    from imagene.bench._runner import _run_tasks, default_methods
+    from imagene.bench._report import _markdown, per_fold_table, summarize, write_results
+    from imagene.bench._runner import default_methods, run
 
     t_start = time.perf_counter()
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "cache"
     tasks = list(TASKS) if args.task == "all" else [args.task]
     scales = dict(args.image_scale)
-    ig.settings.progress_bar = not args.quiet
     if args.data is not None and not Path(args.data).is_dir():
         raise SystemExit(f"imagene bench: --data {args.data} is not a folder.")
     check_methods(args.methods, tasks)  # a typo fails here, before any section is read or tiled
@@ -197,8 +212,8 @@ def run_command(args: argparse.Namespace) -> int:
             sys.stderr.write(f"imagene bench: skipping {lacking} (their context features are built with --context)\n")
             methods = [m for m in methods if m.name not in lacking] or methods
         seeds = [args.seed + i for i in range(args.n_seeds)] if group == ("clustering",) else [args.seed]
-        dfs = _run_tasks(
-            adata, group, section_key="section", methods=methods, split=args.split, patient_key="patient",
+        dfs = run(
+            adata, task=list(group), section_key="section", methods=methods, split=args.split, patient_key="patient",
             image_key=f"X_he_{args.encoder}", layer="counts", label_key="label", ignore_labels=("undetermined",),
             n_genes=50, min_detected=0.1, max_epochs=args.epochs, seeds=seeds, n_spot_folds=5, clustering_kwargs=None,
             test_sections=args.test_sections if group != ("clustering",) else None,
@@ -208,7 +223,7 @@ def run_command(args: argparse.Namespace) -> int:
         for task, df in dfs.items():
             results[task] = df
             sys.stdout.write(f"\n== {task}: per fold ==\n{_markdown(per_fold_table(df, task))}\n")
-            sys.stdout.write(f"\n== {task}: mean ± std over folds ==\n{_markdown(summary_table(df, task))}\n")
+            sys.stdout.write(f"\n== {task}: mean ± std over folds ==\n{_markdown(summarize(df, task))}\n")
         sys.stdout.write(f"({' and '.join(group)}: {timings['+'.join(group)]:.0f} s)\n")
     config = {
         "data": str(Path(args.data).resolve()) if args.data else "her2st (ig.datasets.her2st: $IMAGENE_DATA_DIR or "
@@ -223,11 +238,9 @@ def run_command(args: argparse.Namespace) -> int:
         "tile_size_um": args.tile_um,
         "max_epochs": args.epochs,
         "seed": args.seed,
-        "imagene_version": ig.__version__,
+        "imagene_version": __version__,
         "seconds": {**timings, "total": round(time.perf_counter() - t_start, 1)},
     }
-    from imagene._cli import print_timings
-
     written = write_results(results, out, config=config)
     sys.stdout.write("\n")
     print_timings({k: v for k, v in timings.items() if ":" in k})
@@ -254,8 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     --------
     >>> imagene.bench.main(["--task", "expression", "--data", "../shared/data/her2st"])
     """
-    from imagene._cli import HelpFormatter
-
     parser = argparse.ArgumentParser(prog="python -m imagene.bench", description=DESCRIPTION,
                                      formatter_class=HelpFormatter)
     add_arguments(parser)

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from imagene import pp
 from imagene._constants import KEYS
+from imagene._version import __version__
 from imagene.datasets._her2st import her2st_files, join_sections, read_section
 
 logger = logging.getLogger("imagene")
@@ -42,14 +44,12 @@ def _write_cache(path: Path | None, meta: dict, obs_names: pd.Index, arrays: dic
 
 
 def _section_meta(section: str, image: Path | None, **settings) -> dict:
-    import imagene as ig
-
     return {
         "section": section,
         **settings,
         "image": image.name if image is not None else "",
         "image_bytes": image.stat().st_size if image is not None else 0,
-        "imagene_version": ig.__version__,
+        "imagene_version": __version__,
     }
 
 
@@ -65,8 +65,6 @@ def _embed_section(
     show_progress_bar: bool,
 ) -> None:
     """Write ``obsm['X_he_<encoder>']`` for one section, from the cache when it matches."""
-    import imagene as ig
-
     key = f"{KEYS.FEATURES_PREFIX}{encoder}"
     meta = _section_meta(section, image, encoder=encoder, tile_px=int(tile_px), tile_size_um=float(tile_size_um))
     path = _cache_path(cache, section, encoder, tile_px, tile_size_um) if cache is not None else None
@@ -75,8 +73,8 @@ def _embed_section(
         adata.obsm[key] = cached["features"].astype(np.float32)
         logger.info("Section %r: tile features read from the cache %s", section, path)
         return
-    ig.pp.extract_tiles(adata, tile_size_um=tile_size_um, tile_px=tile_px, show_progress_bar=show_progress_bar)
-    ig.pp.embed_tiles(adata, encoder=encoder, show_progress_bar=show_progress_bar)
+    pp.extract_tiles(adata, tile_size_um=tile_size_um, tile_px=tile_px, show_progress_bar=show_progress_bar)
+    pp.embed_tiles(adata, encoder=encoder, show_progress_bar=show_progress_bar)
     del adata.obsm[KEYS.TILES]
     _write_cache(path, meta, adata.obs_names, {"features": adata.obsm[key]})
 
@@ -94,11 +92,8 @@ def _context_section(
     show_progress_bar: bool,
 ) -> list[str]:
     """Write the multi-scale features of :func:`imagene.pp.context_features` for one section (cached)."""
-    import imagene as ig
-    from imagene.pp._context import scale_key
-
     prefix = f"{KEYS.FEATURES_PREFIX}{encoder}"
-    keys = [scale_key(prefix, s) for s in sizes_um]
+    keys = [pp.scale_key(prefix, s) for s in sizes_um]
     meta = _section_meta(section, image, encoder=encoder, tile_px=int(tile_px),
                          tile_sizes_um=[float(s) for s in sizes_um], tta=tta or "none")
     path = None
@@ -111,7 +106,7 @@ def _context_section(
             adata.obsm[k] = cached[f"scale{i}"].astype(np.float32)
         logger.info("Section %r: context features read from the cache %s", section, path)
         return keys
-    ig.pp.context_features(adata, tile_sizes_um=sizes_um, tile_px=tile_px, encoder=encoder, tta=tta,
+    pp.context_features(adata, tile_sizes_um=sizes_um, tile_px=tile_px, encoder=encoder, tta=tta,
                            show_progress_bar=show_progress_bar)
     _write_cache(path, meta, adata.obs_names, {f"scale{i}": adata.obsm[k] for i, k in enumerate(keys)})
     return keys
@@ -216,8 +211,6 @@ def read_sections(
         adatas[s] = a
     adata = join_sections(adatas)
     if context:
-        import imagene as ig
-
-        ig.pp.niches(adata, n_neighs=n_neighs, library_key=KEYS.SECTION, niche_expression=False)
-        ig.pp.context_matrix(adata, context_keys)
+        pp.niches(adata, n_neighs=n_neighs, library_key=KEYS.SECTION, niche_expression=False)
+        pp.context_matrix(adata, context_keys)
     return adata

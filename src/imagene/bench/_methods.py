@@ -187,7 +187,7 @@ class ImageneModel(Method):
     """Any imagene alignment model (``setup_anndata`` / ``train`` / ``predict_expression`` / latents) as a method.
 
     ``fit`` registers the training spots (``layer``, ``image_key`` and, with several training
-    sections, ``batch_key`` so that training validates and stops early on a held-out TRAINING
+    sections, ``library_key`` so that training validates and stops early on a held-out TRAINING
     section), builds the model with ``model_kwargs`` (its defaults otherwise) and trains it for at
     most ``ctx.max_epochs`` epochs. Expression is the model's query-reference prediction;
     embeddings are its latents.
@@ -265,8 +265,8 @@ class ImageneModel(Method):
         Nothing; the trained model is ``self.model_``.
         """
         n_sections = train.obs[ctx.section_key].nunique()
-        batch_key = ctx.section_key if n_sections > 1 else None
-        self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=ctx.image_key, batch_key=batch_key)
+        library_key = ctx.section_key if n_sections > 1 else None
+        self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=ctx.image_key, library_key=library_key)
         model = self.model_cls(train, **self.model_kwargs)
         kwargs = {"max_epochs": ctx.max_epochs, "enable_progress_bar": False, **self.train_kwargs}
         model.train(**kwargs)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from imagene.bench._runner import RECALL_PERCENTS, summarize
+from imagene.bench._tasks import RECALL_PERCENTS
 
 #: headline metrics of each task, in display order (regular expressions over metric names)
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -59,26 +59,80 @@ def _cell(mean: float, std: float, undefined: float | None) -> str:
     return text
 
 
-def summary_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Mean ± std over folds of the task's headline metrics, one row per method (strings, for display).
+def _fold_stats(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and number of folds of each method and metric (the numbers behind :func:`summarize`)."""
+    missing = {"method", "fold", "metric", "value"} - set(df.columns)
+    if missing:
+        raise KeyError(f"df lacks columns {sorted(missing)}; pass the DataFrame returned by imagene.bench.run.")
+    order = list(dict.fromkeys(df["method"]))
+    metrics = list(dict.fromkeys(df["metric"]))
+    g = df.groupby(["method", "metric"], sort=False)["value"]
+    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_folds": g.count()}).reset_index()
+    out["method"] = pd.Categorical(out["method"], categories=order)
+    out["metric"] = pd.Categorical(out["metric"], categories=metrics)
+    out = out.sort_values(["method", "metric"]).reset_index(drop=True)
+    out["method"] = out["method"].astype(str)
+    out["metric"] = out["metric"].astype(str)
+    return out
+
+
+def summarize(df: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
+    """Mean ± standard deviation of each method and metric over folds: as numbers, or as a display table.
 
     Parameters
     ----------
     df
-        Tidy results of :func:`imagene.bench.run` for ``task``.
+        Tidy results of :func:`imagene.bench.run`.
+    task
+        ``None``: every metric, as numbers. A task (``'expression'``, ``'retrieval'``,
+        ``'clustering'``): the display table of that task's headline metrics.
+
+    Returns
+    -------
+    With ``task=None``, a DataFrame with columns ``method``, ``metric``, ``mean``, ``std`` (sample
+    std over folds; NaN for one fold) and ``n_folds`` (folds where the value is defined), methods
+    in their order of ``df``. With a task, a DataFrame of strings (``'mean ± std'``) indexed by
+    method, one column per headline metric and ``'s / fold'``; undefined Pearson r (constant
+    predictions) shows as ``'undefined'``, and a mean over genes that skipped some undefined ones
+    says how many.
+
+    Examples
+    --------
+    >>> df = imagene.bench.run(adata)
+    >>> imagene.bench.summarize(df)  # numbers
+    >>> imagene.bench.summarize(df, "expression")  # the table the command prints
+    """
+    if task is None:
+        return _fold_stats(df)
+    return _summary_table(df, task)
+
+
+def summary_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Deprecated alias of ``imagene.bench.summarize(df, task)`` (FutureWarning).
+
+    Parameters
+    ----------
+    df
+        Tidy results of :func:`imagene.bench.run`.
     task
         The task of ``df``.
 
     Returns
     -------
-    DataFrame indexed by method; undefined Pearson r (constant predictions) shows as
-    ``'undefined'``, and a mean over genes that skipped some undefined ones says how many.
-
-    Examples
-    --------
-    >>> imagene.bench.summary_table(imagene.bench.run(adata), "expression")
+    The display table of :func:`summarize` with ``task``.
     """
-    s = summarize(df)
+    import warnings
+
+    warnings.warn(
+        "imagene.bench.summary_table(df, task) is deprecated; use imagene.bench.summarize(df, task).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return summarize(df, task)
+
+
+def _summary_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    s = _fold_stats(df)
     stats = {(r.method, r.metric): (r.mean, r.std) for r in s.itertuples()}
     methods = list(dict.fromkeys(df["method"]))
     shown = _headline(df, task)
@@ -161,7 +215,7 @@ def plot_results(df: pd.DataFrame, task: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    s = summarize(df)
+    s = _fold_stats(df)
     shown = _headline(df, task)
     metrics = [m for m in shown if m in set(s["metric"])]
     methods = list(dict.fromkeys(df["method"]))
@@ -222,12 +276,12 @@ def write_results(
     payload: dict[str, Any] = {"config": dict(config or {}), "tasks": {}}
     md = ["# imagene bench results", ""]
     for task, df in results.items():
-        s = summarize(df)
+        s = _fold_stats(df)
         payload["tasks"][task] = {
             "records": json.loads(df.to_json(orient="records")),
             "summary": json.loads(s.to_json(orient="records")),
         }
-        md += [f"## {task}", "", "Mean ± std over folds:", "", _markdown(summary_table(df, task)), ""]
+        md += [f"## {task}", "", "Mean ± std over folds:", "", _markdown(_summary_table(df, task)), ""]
         md += ["Per fold:", "", _markdown(per_fold_table(df, task)), ""]
         csv = out / f"{task}.csv"
         df.to_csv(csv, index=False)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -15,15 +15,16 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from imagene._constants import KEYS
+from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, warn
+from imagene._validate import renamed_kwarg
 from imagene.bench._methods import TASKS, FoldContext, Method
-from imagene.metrics import ari, gene_pearson, mse, nmi, recall_at_k, top_expressed_genes, top_variable_genes
+from imagene.bench._tasks import RECALL_PERCENTS, SPLITS, TASK_TYPES, Fold, RunSpec, Task, TestPart, check_split
+from imagene.metrics import top_expressed_genes, top_variable_genes
 
 logger = logging.getLogger("imagene")
 
-SPLITS = ("section", "patient", "spot")
-#: Recall@k % cut-offs of the retrieval task
-RECALL_PERCENTS = (5, 10, 15)
+__all__ = ["RECALL_PERCENTS", "SPLITS", "default_methods", "run"]
 #: obsm keys that are fits over every spot (PCA, UMAP, model latents): never usable as image input
 _GLOBAL_FIT_OBSM = ("X_pca", "X_umap", "X_tsne", "X_diffmap", "X_draw_graph_fa", KEYS.LATENT_PREFIX)
 
@@ -202,61 +203,8 @@ def _check_image_key(adata: AnnData, image_key: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# folds
+# what methods see
 # ------------------------------------------------------------------------------------------
-def _folds(
-    adata: AnnData, *, split: str, section_key: str, patient_key: str, n_spot_folds: int, seed: int
-) -> list[tuple[str, np.ndarray]]:
-    """``(fold name, boolean test mask)`` for every fold."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}.")
-    sections = adata.obs[section_key].astype(str).to_numpy()
-    names = list(dict.fromkeys(pd.Categorical(sections).categories))
-    if split == "spot":
-        if len(names) > 1:
-            raise ValueError(
-                f"split='spot' on {len(names)} sections {names} would put neighbouring spots of one section on both "
-                "sides of the split (they share tissue and signal), which inflates every score. Use split='section' "
-                "(leave one section out) or split='patient' (leave one patient out)."
-            )
-        warn(
-            "split='spot' on a single section: spots of the test folds neighbour training spots, so scores are "
-            "optimistic. Prefer several sections and split='section'."
-        )
-        from sklearn.model_selection import KFold
-
-        kf = KFold(n_splits=n_spot_folds, shuffle=True, random_state=seed)
-        out = []
-        for i, (_, test_idx) in enumerate(kf.split(np.arange(adata.n_obs))):
-            mask = np.zeros(adata.n_obs, bool)
-            mask[test_idx] = True
-            out.append((f"spots{i}", mask))
-        return out
-    if split == "section":
-        if len(names) < 2:
-            raise ValueError(
-                f"Leave-one-section-out needs at least 2 sections in adata.obs[{section_key!r}]; got {names}. "
-                "Add sections, or pass split='spot' for a (optimistic) spot-level split of a single section."
-            )
-        return [(s, sections == s) for s in names]
-    if patient_key not in adata.obs:
-        raise KeyError(
-            f"adata.obs[{patient_key!r}] not found; split='patient' needs the patient of each spot. Add that column "
-            "or pass `patient_key=`."
-        )
-    patients = adata.obs[patient_key].astype(str).to_numpy()
-    per_section = pd.Series(patients).groupby(sections).nunique()
-    if (per_section > 1).any():
-        raise ValueError(
-            f"Sections {per_section[per_section > 1].index.tolist()} have spots of several patients in "
-            f"adata.obs[{patient_key!r}]; each section must belong to one patient."
-        )
-    pnames = list(dict.fromkeys(pd.Categorical(patients).categories))
-    if len(pnames) < 2:
-        raise ValueError(f"Leave-one-patient-out needs at least 2 patients; got {pnames}. Use split='section'.")
-    return [(f"patient {p}", patients == p) for p in pnames]
-
-
 def _training_genes(counts: Any, names: pd.Index, min_detected: float) -> pd.Index:
     detected = np.asarray((counts > 0).mean(0)).ravel()
     genes = names[detected >= min_detected]
@@ -304,63 +252,12 @@ def _subset(
 
 
 # ------------------------------------------------------------------------------------------
-# scoring
-# ------------------------------------------------------------------------------------------
-def _expression_rows(y_true: np.ndarray, pred: np.ndarray, ctx: FoldContext) -> list[tuple[str, float]]:
-    rows = []
-    for set_name, idx in ((f"hvg{len(ctx.hvg)}", ctx.hvg), (f"heg{len(ctx.heg)}", ctx.heg)):
-        r = gene_pearson(y_true[:, idx], pred[:, idx])
-        defined = np.isfinite(r)
-        rows.append((f"pcc_{set_name}", float(np.mean(r[defined])) if defined.any() else float("nan")))
-        rows.append((f"mse_{set_name}", mse(y_true[:, idx], pred[:, idx])))
-        rows.append((f"undefined_{set_name}", float((~defined).sum())))
-    return rows
-
-
-def _retrieval_rows(z_image: np.ndarray, z_gene: np.ndarray) -> list[tuple[str, float]]:
-    rows = []
-    for k in RECALL_PERCENTS:
-        i2g = recall_at_k(z_image, z_gene, k_percent=k)
-        g2i = recall_at_k(z_gene, z_image, k_percent=k)
-        rows += [(f"recall{k}_i2g", i2g), (f"recall{k}_g2i", g2i), (f"recall{k}", 0.5 * (i2g + g2i))]
-    return rows
-
-
-def _leiden(z: np.ndarray, n_clusters: int, seed: int, n_neighbors: int = 15, method: str = "umap") -> np.ndarray:
-    """Leiden on scanpy's kNN graph of ``z``; resolution bisected to give ``n_clusters`` clusters (else the closest)."""
-    import scanpy as sc
-
-    a = AnnData(X=np.asarray(z, dtype=np.float32))
-    k = int(min(n_neighbors, a.n_obs - 1))
-    sc.pp.neighbors(a, use_rep="X", n_neighbors=k, method=method, random_state=seed)
-    lo, hi = 0.01, 5.0
-    best, best_gap = None, math.inf
-    for _ in range(30):
-        res = 0.5 * (lo + hi)
-        sc.tl.leiden(a, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
-        labels = a.obs["leiden"].astype(str).to_numpy()
-        m = len(set(labels))
-        if abs(m - n_clusters) < best_gap:
-            best, best_gap = labels, abs(m - n_clusters)
-        if m == n_clusters:
-            break
-        lo, hi = (res, hi) if m < n_clusters else (lo, res)
-    return best
-
-
-def _kmeans(z: np.ndarray, n_clusters: int, seed: int, **_: Any) -> np.ndarray:
-    from sklearn.cluster import KMeans
-
-    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(np.asarray(z, dtype=np.float64))
-
-
-# ------------------------------------------------------------------------------------------
 # the runner
 # ------------------------------------------------------------------------------------------
 def run(
     adata: AnnData,
     *,
-    section_key: str = KEYS.SECTION,
+    library_key: str | None = None,
     task: str | Sequence[str] = "expression",
     methods: Sequence[Method] | None = None,
     split: str = "section",
@@ -376,6 +273,7 @@ def run(
     n_spot_folds: int = 5,
     clustering_kwargs: dict[str, Any] | None = None,
     test_sections: Sequence[str] | None = None,
+    section_key: str | None = None,
 ) -> pd.DataFrame | dict[str, pd.DataFrame]:
     """Score methods on held-out sections: fit on the training sections only, score the held-out one.
 
@@ -408,8 +306,8 @@ def run(
     adata
         Sections with raw counts, frozen image features in ``obsm`` (``X_he_<encoder>``), unique
         ``obs_names`` and a section column.
-    section_key
-        ``obs`` column of sections.
+    library_key
+        ``obs`` column of sections (default ``'section'``).
     task
         ``'expression'``, ``'retrieval'`` or ``'clustering'``; or a list of ``'expression'`` and
         ``'retrieval'``, scored on the same fit of each method and fold.
@@ -446,6 +344,8 @@ def run(
         once on every section NOT listed (genes, HVG / HEG and every scaler chosen there), then
         scores each listed section as its own fold, the way new slides are predicted from a
         trained model. ``None`` (default) leaves every section out in turn.
+    section_key
+        Old name of ``library_key`` (FutureWarning).
 
     Returns
     -------
@@ -455,87 +355,59 @@ def run(
 
     Examples
     --------
-    >>> df = imagene.bench.run(adata, section_key="section", task="expression")
+    >>> df = imagene.bench.run(adata, library_key="section", task="expression")
     >>> imagene.bench.summarize(df)
     """
+    check_adata(adata)
+    library_key = renamed_kwarg("library_key", library_key, "section_key", section_key, where="imagene.bench.run")
+    library_key = KEYS.SECTION if library_key is None else library_key
     tasks = (task,) if isinstance(task, str) else tuple(task)
-    out = _run_tasks(
-        adata,
-        tasks,
-        section_key=section_key,
-        methods=methods,
-        split=split,
-        patient_key=patient_key,
-        image_key=image_key,
-        layer=layer,
-        label_key=label_key,
-        ignore_labels=ignore_labels,
-        n_genes=n_genes,
-        min_detected=min_detected,
-        max_epochs=max_epochs,
-        seeds=seeds,
-        n_spot_folds=n_spot_folds,
-        clustering_kwargs=clustering_kwargs,
-        test_sections=test_sections,
+    if not tasks:
+        raise TypeError(f"task must be a task name or a non-empty list of them; got {task!r}.")
+    for t in tasks:
+        _check_task(t)
+    objs = [TASK_TYPES[t]() for t in tasks]
+    if len({o.fold_kind for o in objs}) > 1:
+        raise ValueError("The clustering task has its own folds (labelled sections); run it separately.")
+    spec = RunSpec(
+        section_key=library_key, split=split, patient_key=patient_key, label_key=label_key,
+        ignore_labels=tuple(ignore_labels), n_spot_folds=n_spot_folds, test_sections=test_sections,
+        clustering_kwargs=_check_clustering_kwargs(clustering_kwargs),
+    )
+    out = _run(
+        adata, objs, spec, methods=methods, image_key=image_key, layer=layer, n_genes=n_genes,
+        min_detected=min_detected, max_epochs=max_epochs, seeds=seeds,
     )
     return out[task] if isinstance(task, str) else out
 
 
-def _run_tasks(
-    adata: AnnData,
-    tasks: tuple[str, ...],
-    *,
-    section_key: str,
-    methods: Sequence[Method] | None,
-    split: str,
-    patient_key: str,
-    image_key: str | None,
-    layer: str | None,
-    label_key: str,
-    ignore_labels: Sequence[str],
-    n_genes: int,
-    min_detected: float,
-    max_epochs: int,
-    seeds: Sequence[int] | None,
-    n_spot_folds: int,
-    clustering_kwargs: dict[str, Any] | None,
-    test_sections: Sequence[str] | None = None,
-) -> dict[str, pd.DataFrame]:
-    """:func:`run` for several tasks on the same folds: each method is fitted once per fold and scored on
-    every requested task it takes part in (expression and retrieval share their fits)."""
-    check_adata(adata)
-    if isinstance(tasks, str) or not tasks:
-        raise TypeError(f"tasks must be a non-empty tuple of task names; got {tasks!r}.")
-    for task in tasks:
-        _check_task(task)
-    clustering = "clustering" in tasks
-    if clustering and len(tasks) > 1:
-        raise ValueError("The clustering task has its own folds (labelled sections); run it separately.")
-    if clustering and test_sections is not None:
-        raise ValueError(
-            "test_sections applies to the expression and retrieval tasks; the clustering task is unsupervised and "
-            "scores each labelled section on its own. Drop test_sections for clustering."
-        )
-    if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `section_key=`.")
-    if adata.obs_names.has_duplicates:
-        raise ValueError(
-            "adata.obs_names are not unique, so held-out spots cannot be told from training spots. Concatenate "
-            "sections with `imagene.io.concat` (it suffixes names with the section) or call "
-            "`adata.obs_names_make_unique()`."
-        )
-    if not (0 <= min_detected < 1):
-        raise ValueError(f"min_detected must be a fraction in [0, 1); got {min_detected!r}.")
-    n_sections = adata.obs[section_key].astype(str).nunique()
-    if split == "spot" and n_sections > 1:
-        _folds(adata, split=split, section_key=section_key, patient_key=patient_key, n_spot_folds=n_spot_folds, seed=0)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}.")
-    image_key = _check_image_key(adata, image_key)
-    counts = sp.csr_matrix(get_counts(adata, layer))
+def _check_clustering_kwargs(clustering_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(clustering_kwargs or {})
+    unknown = set(out) - {"n_neighbors", "method"}
+    if unknown:
+        raise ValueError(f"clustering_kwargs accepts 'n_neighbors' and 'method'; got {sorted(unknown)}.")
+    return out
+
+
+@contextmanager
+def seeded(seed: int):
+    """``imagene.settings.seed = seed`` inside the block; the previous seed setting is restored after it."""
+    previous = settings.seed
+    settings.seed = int(seed)
+    try:
+        yield
+    finally:
+        settings.seed = previous  # None (the default) only clears the setting
+
+
+def _check_methods(
+    adata: AnnData, tasks: Sequence[Task], methods: Sequence[Method] | None, image_key: str
+) -> tuple[list[Method], list[str]]:
+    """The method templates (checked: no data, nothing fitted, unique names, inputs present) and their extra keys."""
+    names = [t.name for t in tasks]
     defaults = methods is None
     if defaults:
-        methods = list({m.name: m for t in tasks for m in default_methods(t)}.values())
+        methods = list({m.name: m for t in names for m in default_methods(t)}.values())
     methods = list(methods)
     if defaults:  # a default method whose inputs were not built is left out, and said so
         missing = {m.name: [k for k in m.input_keys(image_key) if k not in adata.obsm] for m in methods}
@@ -551,11 +423,11 @@ def _run_tasks(
         raise ValueError("No methods to run; pass a list of imagene.bench.Method or leave `methods=None`.")
     for m in methods:
         _check_template(m)
-        if not set(tasks) & set(m.tasks):
-            task = tasks[0] if len(tasks) == 1 else list(tasks)
+        if not set(names) & set(m.tasks):
+            task = names[0] if len(names) == 1 else names
             raise ValueError(
                 f"Method {m.name!r} does not take part in task {task!r} (its tasks: {list(m.tasks)}). "
-                f"Use imagene.bench.default_methods({tasks[0]!r}) or drop it."
+                f"Use imagene.bench.default_methods({names[0]!r}) or drop it."
             )
     extra_keys: list[str] = []
     for m in methods:
@@ -568,225 +440,140 @@ def _run_tasks(
                 )
             extra_keys.append(_check_image_key(adata, k))
     extra_keys = list(dict.fromkeys(k for k in extra_keys if k != image_key))
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Method names must be unique; got {names}. Pass `name=` to tell them apart.")
-    seeds = tuple(seeds) if seeds is not None else ((0, 1, 2) if clustering else (0,))
-    clustering_kwargs = dict(clustering_kwargs or {})
-    unknown = set(clustering_kwargs) - {"n_neighbors", "method"}
-    if unknown:
-        raise ValueError(f"clustering_kwargs accepts 'n_neighbors' and 'method'; got {sorted(unknown)}.")
+    method_names = [m.name for m in methods]
+    if len(set(method_names)) != len(method_names):
+        raise ValueError(f"Method names must be unique; got {method_names}. Pass `name=` to tell them apart.")
+    return methods, extra_keys
 
-    # each fold: (name, training mask, [(scored name, test mask), ...]); every test part is scored on one fit
-    if clustering:
-        parts = _clustering_folds(adata, section_key=section_key, label_key=label_key, ignore_labels=ignore_labels)
-        folds = [(name, mask, [(name, mask)]) for name, mask in parts]
-    elif test_sections is not None:
-        folds = _fixed_test_folds(adata, section_key=section_key, split=split, test_sections=test_sections)
-    else:
-        parts = _folds(
-            adata, split=split, section_key=section_key, patient_key=patient_key, n_spot_folds=n_spot_folds,
-            seed=seeds[0],
+
+def _run(
+    adata: AnnData,
+    tasks: Sequence[Task],
+    spec: RunSpec,
+    *,
+    methods: Sequence[Method] | None,
+    image_key: str | None,
+    layer: str | None,
+    n_genes: int,
+    min_detected: float,
+    max_epochs: int,
+    seeds: Sequence[int] | None,
+) -> dict[str, pd.DataFrame]:
+    """Tasks × methods × folds: each method is fitted once per fold and seed and scored on every task it takes
+    part in (tasks given together share their folds, so expression and retrieval share their fits)."""
+    section_key = spec.section_key
+    for t in tasks:
+        t.check(adata, spec)
+    if section_key not in adata.obs:
+        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `library_key=`.")
+    if adata.obs_names.has_duplicates:
+        raise ValueError(
+            "adata.obs_names are not unique, so held-out spots cannot be told from training spots. Concatenate "
+            "sections with `imagene.io.concat` (it suffixes names with the section) or call "
+            "`adata.obs_names_make_unique()`."
         )
-        folds = [(name, ~mask, [(name, mask)]) for name, mask in parts]
+    if not (0 <= min_detected < 1):
+        raise ValueError(f"min_detected must be a fraction in [0, 1); got {min_detected!r}.")
+    check_split(adata, spec.split, section_key)
+    image_key = _check_image_key(adata, image_key)
+    counts = sp.csr_matrix(get_counts(adata, layer))
+    methods, extra_keys = _check_methods(adata, tasks, methods, image_key)
+    seeds = tuple(seeds) if seeds is not None else max((t.default_seeds for t in tasks), key=len)
+    lead = tasks[0]  # tasks given together share their folds
+    folds = lead.folds(adata, spec, seeds[0])
+    records: dict[str, list[dict[str, Any]]] = {t.name: [] for t in tasks}
+    for fold in folds:
+        _run_fold(
+            adata, fold, tasks, spec, methods, records, counts=counts, image_key=image_key, extra_keys=extra_keys,
+            n_genes=n_genes, min_detected=min_detected, max_epochs=max_epochs, seeds=seeds,
+        )
+    return {t: pd.DataFrame.from_records(r, columns=["method", "fold", "metric", "value"]) for t, r in records.items()}
 
-    import imagene as ig
 
-    records: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+def _run_fold(
+    adata: AnnData,
+    fold: Fold,
+    tasks: Sequence[Task],
+    spec: RunSpec,
+    methods: Sequence[Method],
+    records: dict[str, list[dict[str, Any]]],
+    *,
+    counts: sp.csr_matrix,
+    image_key: str,
+    extra_keys: Sequence[str],
+    n_genes: int,
+    min_detected: float,
+    max_epochs: int,
+    seeds: Sequence[int],
+) -> None:
+    """One fold: genes and gene sets from its training spots, what methods see, then every seed and method."""
+    section_key, label_key = spec.section_key, spec.label_key
+    lead = tasks[0]
+    train_mask = fold.train
+    any_test = np.logical_or.reduce([m for _, m in fold.parts])
+    genes = _training_genes(counts[train_mask], adata.var_names, min_detected)
+    cols = adata.var_names.get_indexer(genes)
+    y_train = log_normalize(counts[train_mask][:, cols])
+    hvg = top_variable_genes(y_train, n_genes)
+    heg = top_expressed_genes(y_train, n_genes)
+    sub = {"counts": counts, "image_key": image_key, "section_key": section_key, "extra_keys": extra_keys}
+    drop = [label_key] if lead.hide_labels_in_training else []
+    train = _subset(adata, train_mask, genes, drop_obs=drop, **sub)
+    parts = []
+    for name, test_mask in fold.parts:
+        part = TestPart(
+            name=name,
+            mask=test_mask,
+            blind=_subset(adata, test_mask, genes, with_counts=False, drop_obs=[label_key], **sub),
+            full=_subset(adata, test_mask, genes, drop_obs=[label_key], **sub),
+            y=log_normalize(counts[test_mask][:, cols]),
+        )
+        if lead.disjoint:
+            overlap = train.obs_names.intersection(part.full.obs_names)
+            if len(overlap):  # pragma: no cover - the folds cannot produce this
+                raise RuntimeError(f"Fold {fold.name!r}: {len(overlap)} spots are both training and test spots.")
+        for t in tasks:
+            part = t.part(adata, test_mask, spec, part)
+        parts.append(part)
+    test_names = adata.obs_names[any_test]
     sections = adata.obs[section_key].astype(str).to_numpy()
-    for fold, train_mask, test_parts in folds:
-        any_test = np.logical_or.reduce([m for _, m in test_parts])
-        genes = _training_genes(counts[train_mask], adata.var_names, min_detected)
-        cols = adata.var_names.get_indexer(genes)
-        y_train = log_normalize(counts[train_mask][:, cols])
-        hvg = top_variable_genes(y_train, n_genes)
-        heg = top_expressed_genes(y_train, n_genes)
-        drop = [label_key] if clustering else []
-        sub = {"counts": counts, "image_key": image_key, "section_key": section_key, "extra_keys": extra_keys}
-        train = _subset(adata, train_mask, genes, drop_obs=drop, **sub)
-        scored = []
-        for part, test_mask in test_parts:
-            test_blind = _subset(adata, test_mask, genes, with_counts=False, drop_obs=[label_key], **sub)
-            test_full = _subset(adata, test_mask, genes, drop_obs=[label_key], **sub)
-            if not clustering:
-                overlap = train.obs_names.intersection(test_full.obs_names)
-                if len(overlap):  # pragma: no cover - the split above cannot produce this
-                    raise RuntimeError(f"Fold {fold!r}: {len(overlap)} spots are both training and test spots.")
-            y_test = log_normalize(counts[test_mask][:, cols])
-            n_clusters, keep = None, None
-            if clustering:
-                truth = adata.obs[label_key][test_mask]
-                keep = truth.notna().to_numpy() & ~truth.astype(str).isin(list(ignore_labels)).to_numpy()
-                n_clusters = int(truth[keep].astype(str).nunique())
-            scored.append((part, test_mask, test_blind, test_full, y_test, keep, n_clusters))
-        test_names = adata.obs_names[any_test]
-        for seed in seeds:
-            fold_name = fold if len(seeds) == 1 else f"{fold}/seed{seed}"
-            ctx = FoldContext(
-                task="+".join(tasks),
-                fold=fold_name,
-                train_sections=tuple(dict.fromkeys(sections[train_mask])),
-                test_sections=tuple(dict.fromkeys(sections[any_test])),
-                section_key=section_key,
-                image_key=image_key,
-                layer=KEYS.COUNTS,
-                genes=genes,
-                hvg=hvg,
-                heg=heg,
-                seed=int(seed),
-                max_epochs=int(max_epochs),
-                n_clusters=scored[0][-1],
-            )
-            for template in methods:
-                method = copy.deepcopy(template)
-                ig.settings.seed = int(seed)
+    task_name = "+".join(t.name for t in tasks)
+    for seed in seeds:
+        fold_name = fold.name if len(seeds) == 1 else f"{fold.name}/seed{seed}"
+        ctx = FoldContext(
+            task=task_name,
+            fold=fold_name,
+            train_sections=tuple(dict.fromkeys(sections[train_mask])),
+            test_sections=tuple(dict.fromkeys(sections[any_test])),
+            section_key=section_key,
+            image_key=image_key,
+            layer=KEYS.COUNTS,
+            genes=genes,
+            hvg=hvg,
+            heg=heg,
+            seed=int(seed),
+            max_epochs=int(max_epochs),
+            n_clusters=parts[0].n_clusters,
+        )
+        for template in methods:
+            method = copy.deepcopy(template)
+            with seeded(seed):
                 t0 = time.perf_counter()
                 method.fit(train.copy(), ctx=ctx)
                 fit_s = time.perf_counter() - t0
-                if not clustering:
-                    _check_fitted_data(method, test_names, fold)
-                for part, test_mask, test_blind, test_full, y_test, keep, _ in scored:
-                    part_name = part if len(seeds) == 1 else f"{part}/seed{seed}"
-                    for task in tasks:
-                        if task not in method.tasks:
+                if lead.disjoint:
+                    _check_fitted_data(method, test_names, fold.name)
+                for part in parts:
+                    part_name = part.name if len(seeds) == 1 else f"{part.name}/seed{seed}"
+                    for t in tasks:
+                        if t.name not in method.tasks:
                             continue
                         t1 = time.perf_counter()
-                        rows = _score(
-                            method, task, ctx, test_blind, test_full, y_test, adata, test_mask, label_key, keep,
-                            clustering_kwargs,
-                        )
+                        rows = t.score(method, ctx, part, spec)
                         seconds = fit_s + time.perf_counter() - t1
-                        out = records[task]
+                        out = records[t.name]
                         for name, metric, value in rows:
                             out.append({"method": name, "fold": part_name, "metric": metric, "value": float(value)})
                         for name in dict.fromkeys(r[0] for r in rows):  # one row per result name (modalities)
                             out.append({"method": name, "fold": part_name, "metric": "seconds", "value": seconds})
-                logger.info("bench %s | fold %s | %s: %.1f s", ctx.task, fold_name, method.name,
-                            time.perf_counter() - t0)
-    return {t: pd.DataFrame.from_records(r, columns=["method", "fold", "metric", "value"]) for t, r in records.items()}
-
-
-def _fixed_test_folds(
-    adata: AnnData, *, section_key: str, split: str, test_sections: Sequence[str]
-) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
-    """One fit on every section not in ``test_sections``, scored on each test section in turn."""
-    if split != "section":
-        raise ValueError(
-            f"test_sections fixes the held-out sections, so it replaces split={split!r}; pass split='section' "
-            "(the default) with test_sections, or drop test_sections to leave one patient out."
-        )
-    tests = [test_sections] if isinstance(test_sections, str) else [str(s) for s in test_sections]
-    sections = adata.obs[section_key].astype(str).to_numpy()
-    names = list(pd.Categorical(sections).categories)
-    unknown = [s for s in tests if s not in names]
-    if not tests or unknown or len(set(tests)) != len(tests):
-        raise ValueError(
-            f"test_sections must name distinct sections of adata.obs[{section_key!r}] ({names}); got {tests}."
-        )
-    train = ~np.isin(sections, tests)
-    if not train.any():
-        raise ValueError(f"test_sections {tests} leaves no training section; keep at least one section out of it.")
-    return [("test " + "+".join(tests), train, [(s, sections == s) for s in tests])]
-
-
-def _clustering_folds(
-    adata: AnnData, *, section_key: str, label_key: str, ignore_labels: Sequence[str]
-) -> list[tuple[str, np.ndarray]]:
-    if label_key not in adata.obs:
-        raise KeyError(
-            f"adata.obs[{label_key!r}] not found: the clustering task scores clusters against reference labels "
-            "(e.g. pathologist regions). Add them, or pass the obs column as `label_key=`."
-        )
-    sections = adata.obs[section_key].astype(str)
-    labels = adata.obs[label_key]
-    usable = labels.notna() & ~labels.astype(str).isin(list(ignore_labels))
-    out = []
-    for s in pd.Categorical(sections).categories:
-        mask = (sections == s).to_numpy()
-        n_classes = labels[mask & usable.to_numpy()].astype(str).nunique()
-        if n_classes >= 2:
-            out.append((str(s), mask))
-    if not out:
-        raise ValueError(
-            f"No section has at least 2 reference classes in adata.obs[{label_key!r}] "
-            f"(ignoring {list(ignore_labels)}); "
-            "the clustering task needs labelled sections."
-        )
-    return out
-
-
-def _score(
-    method: Method,
-    task: str,
-    ctx: FoldContext,
-    test_blind: AnnData,
-    test_full: AnnData,
-    y_test: np.ndarray,
-    adata: AnnData,
-    test_mask: np.ndarray,
-    label_key: str,
-    keep: np.ndarray | None,
-    clustering_kwargs: dict[str, Any],
-) -> list[tuple[str, str, float]]:
-    if task == "expression":
-        out = method.predict_expression(test_blind.copy())
-        # a method may return several predictions of one fit, as {key: array}, scored as "name[key]"
-        preds = {f"{method.name}[{k}]": v for k, v in out.items()} if isinstance(out, dict) else {method.name: out}
-        rows = []
-        for name, pred in preds.items():
-            pred = np.asarray(pred, dtype=np.float64)
-            if pred.shape != y_test.shape:
-                raise ValueError(
-                    f"Method {name!r} returned predictions of shape {pred.shape}; expected {y_test.shape} "
-                    "(held-out spots x ctx.genes, in that order)."
-                )
-            if not np.isfinite(pred).all():
-                raise ValueError(f"Method {name!r} returned NaN or inf predictions.")
-            rows += [(name, m, v) for m, v in _expression_rows(y_test, pred, ctx)]
-        return rows
-    if task == "retrieval":
-        zi = np.asarray(method.embed(test_blind.copy(), "image"))
-        zg = np.asarray(method.embed(test_full.copy(), "gene"))
-        return [(method.name, m, v) for m, v in _retrieval_rows(zi, zg)]
-    truth = adata.obs[label_key][test_mask].astype(str).to_numpy()[keep]
-    rows = []
-    modalities = method.clustering_modalities
-    for modality in modalities:
-        name = method.name if len(modalities) == 1 else f"{method.name}[{modality}]"
-        z = np.asarray(method.embed(test_full.copy(), modality))
-        for algo, fn in (("leiden", _leiden), ("kmeans", _kmeans)):
-            pred = np.asarray(fn(z, ctx.n_clusters, ctx.seed, **clustering_kwargs))[keep]
-            rows += [(name, f"ari_{algo}", ari(truth, pred)), (name, f"nmi_{algo}", nmi(truth, pred))]
-    return rows
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± standard deviation of each method and metric over folds.
-
-    Parameters
-    ----------
-    df
-        Tidy results of :func:`imagene.bench.run`.
-
-    Returns
-    -------
-    DataFrame with columns ``method``, ``metric``, ``mean``, ``std`` (sample std over folds; NaN for
-    one fold) and ``n_folds`` (folds where the value is defined), methods in their order of ``df``.
-
-    Examples
-    --------
-    >>> imagene.bench.summarize(imagene.bench.run(adata))
-    """
-    missing = {"method", "fold", "metric", "value"} - set(df.columns)
-    if missing:
-        raise KeyError(f"df lacks columns {sorted(missing)}; pass the DataFrame returned by imagene.bench.run.")
-    order = list(dict.fromkeys(df["method"]))
-    metrics = list(dict.fromkeys(df["metric"]))
-    g = df.groupby(["method", "metric"], sort=False)["value"]
-    out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n_folds": g.count()}).reset_index()
-    out["method"] = pd.Categorical(out["method"], categories=order)
-    out["metric"] = pd.Categorical(out["metric"], categories=metrics)
-    out = out.sort_values(["method", "metric"]).reset_index(drop=True)
-    out["method"] = out["method"].astype(str)
-    out["metric"] = out["metric"].astype(str)
-    return out
+            logger.info("bench %s | fold %s | %s: %.1f s", task_name, fold_name, method.name, time.perf_counter() - t0)

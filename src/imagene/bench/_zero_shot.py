@@ -13,29 +13,16 @@ from anndata import AnnData
 
 from imagene._settings import settings
 from imagene._utils import check_adata, get_counts, log_normalize, progress
-from imagene.metrics import gene_pearson, mse, top_expressed_genes
 
 logger = logging.getLogger("imagene")
 
 ZERO_SHOT_METHODS = ("alignst", "ridge_supervised", "nearest_seen_gene")
 
 
-def _scores(y: np.ndarray, pred: np.ndarray, n_top: int) -> dict[str, float]:
-    r = gene_pearson(y, pred)
-    ok = np.sort(r[np.isfinite(r)])[::-1]
-    return {
-        "pcc_m": float(ok.mean()) if ok.size else float("nan"),
-        "pcc_h": float(ok[:n_top].mean()) if ok.size else float("nan"),
-        "mse": mse(y, pred),
-        "n_genes": int(y.shape[1]),
-        "n_undefined": int((~np.isfinite(r)).sum()),
-    }
-
-
 def zero_shot(
     adata: AnnData,
     *,
-    section_key: str = "section",
+    library_key: str | None = None,
     layer: str | None = "counts",
     image_key: str = "X_he_efficientnet_lite0",
     test_sections: Sequence[str] | None = None,
@@ -47,6 +34,7 @@ def zero_shot(
     model_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
     show_progress_bar: bool = True,
+    section_key: str | None = None,
 ) -> pd.DataFrame:
     """Leave-one-section-out evaluation of expression prediction for genes never seen in training.
 
@@ -57,7 +45,7 @@ def zero_shot(
 
     - ``'alignst'``: :class:`imagene.model.AlignST` trained on the seen genes, predicting the unseen
       ones from their descriptions (zero-shot).
-    - ``'ridge_supervised'``: the HEST ridge probe (:func:`imagene.bench.ridge_probe`) trained WITH
+    - ``'ridge_supervised'``: the HEST ridge probe (:meth:`imagene.bench.RidgeProbe.fit_predict`) trained WITH
       the unseen genes' expression (the supervised reference, not zero-shot).
     - ``'nearest_seen_gene'``: gene-agnostic baseline: each unseen gene gets the ridge prediction of
       its nearest seen gene in description space (cosine of all-MiniLM-L6-v2 sentence embeddings).
@@ -71,8 +59,8 @@ def zero_shot(
     adata
         Several sections with raw counts, frozen tile features, spot centres (and images or
         ``obsm['imagene_nuclei']`` for nuclei maps).
-    section_key
-        ``obs`` column of sections.
+    library_key
+        ``obs`` column of sections (default ``'section'``).
     layer
         Layer of raw counts.
     image_key
@@ -93,6 +81,8 @@ def zero_shot(
         Passed to :class:`imagene.model.AlignST` and its ``train``.
     show_progress_bar
         Show a progress bar over folds.
+    section_key
+        Old name of ``library_key`` (FutureWarning).
 
     Returns
     -------
@@ -101,30 +91,32 @@ def zero_shot(
 
     Examples
     --------
-    >>> res = imagene.bench.zero_shot(adata, section_key="section", max_epochs=30)
+    >>> res = imagene.bench.zero_shot(adata, library_key="section", max_epochs=30)
     >>> res.groupby("method")[["pcc_m", "pcc_h", "mse"]].mean()
     """
-    from imagene.bench._baselines import ridge_probe
-    from imagene.bench._runner import _folds
+    from imagene.bench._baselines import RidgeProbe
+    from imagene.bench._runner import _check_image_key
+    from imagene.bench._tasks import RunSpec, ZeroShotGenesTask
     from imagene.datasets import gene_descriptions
     from imagene.model import AlignST
 
+    from imagene._validate import renamed_kwarg
+
     check_adata(adata)
+    library_key = renamed_kwarg("library_key", library_key, "section_key", section_key,
+                                where="imagene.bench.zero_shot")
+    section_key = "section" if library_key is None else library_key
     unknown = set(methods) - set(ZERO_SHOT_METHODS)
     if unknown:
         raise ValueError(f"Unknown methods {sorted(unknown)}; choose from {list(ZERO_SHOT_METHODS)}.")
-    if image_key not in adata.obsm:
-        raise KeyError(f"adata.obsm[{image_key!r}] not found; embed the tiles first (`imagene.pp.embed_tiles`).")
     if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `section_key=`.")
+        raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `library_key=`.")
+    image_key = _check_image_key(adata, image_key)  # the runner's guard: frozen features, not a fit over all spots
     counts = get_counts(adata, layer)
-    folds = _folds(adata, split="section", section_key=section_key, patient_key="patient", n_spot_folds=5, seed=0)
-    if test_sections is not None:
-        names = [f for f, _ in folds]
-        missing = set(test_sections) - set(names)
-        if missing:
-            raise ValueError(f"test_sections {sorted(missing)} not in adata.obs[{section_key!r}] ({names}).")
-        folds = [(f, m) for f, m in folds if f in set(test_sections)]
+    task = ZeroShotGenesTask(n_unseen=n_unseen, n_seen=n_seen, n_top=n_top)
+    spec = RunSpec(section_key=section_key, split="section", patient_key="patient", label_key="label",
+                   ignore_labels=(), n_spot_folds=5, test_sections=test_sections)
+    folds = [(f.name, ~f.train) for f in task.folds(adata, spec, seed=0)]
     described = gene_descriptions(list(adata.var_names))
     has_text = adata.var_names.isin(described.index)
     feats = np.asarray(adata.obsm[image_key], dtype=np.float32)
@@ -133,9 +125,7 @@ def zero_shot(
         train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
         y_train = log_normalize(counts[train_idx])
         y_test = log_normalize(counts[test_idx])
-        cand = np.flatnonzero(has_text)
-        order = cand[top_expressed_genes(y_train[:, cand], n=n_unseen + n_seen)]  # training sections only
-        unseen_idx, seen_idx = order[:n_unseen], order[n_unseen:]
+        unseen_idx, seen_idx = task.choose_genes(y_train, has_text)  # training sections only
         unseen = list(adata.var_names[unseen_idx])
         seen = list(adata.var_names[seen_idx])
         y_true = y_test[:, unseen_idx]
@@ -148,12 +138,13 @@ def zero_shot(
             model.train(max_epochs=max_epochs, seen_genes=seen, unseen_genes=unseen, **(train_kwargs or {}))
             query = adata[test_idx].copy()
             pred = model.predict_expression(query, gene_list=unseen, return_numpy=True)
-            rows.append({"fold": fold, "method": "alignst", **_scores(y_true, pred, n_top),
+            rows.append({"fold": fold, "method": "alignst", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
         if "ridge_supervised" in methods:
             t = time.perf_counter()
-            pred = ridge_probe(feats[train_idx], y_train[:, unseen_idx], feats[test_idx], seed=settings.seed or 0)
-            rows.append({"fold": fold, "method": "ridge_supervised", **_scores(y_true, pred, n_top),
+            pred = RidgeProbe().fit_predict(feats[train_idx], y_train[:, unseen_idx], feats[test_idx],
+                                            seed=settings.seed or 0)
+            rows.append({"fold": fold, "method": "ridge_supervised", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
         if "nearest_seen_gene" in methods:
             from imagene.nn import get_text_encoder
@@ -163,8 +154,9 @@ def zero_shot(
             e_unseen = enc.encode(list(described[unseen]))
             e_seen = enc.encode(list(described[seen]))
             nearest = np.argmax(e_unseen @ e_seen.T, axis=1)
-            pred_seen = ridge_probe(feats[train_idx], y_train[:, seen_idx], feats[test_idx], seed=settings.seed or 0)
+            pred_seen = RidgeProbe().fit_predict(feats[train_idx], y_train[:, seen_idx], feats[test_idx],
+                                                 seed=settings.seed or 0)
             pred = pred_seen[:, nearest]
-            rows.append({"fold": fold, "method": "nearest_seen_gene", **_scores(y_true, pred, n_top),
+            rows.append({"fold": fold, "method": "nearest_seen_gene", **task.scores(y_true, pred),
                          "seconds": time.perf_counter() - t})
     return pd.DataFrame(rows)

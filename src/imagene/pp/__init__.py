@@ -1,6 +1,6 @@
 """Preprocessing: tiles, frozen image features, niche, patch and tile graphs, spot / niche inputs, section splits."""
 
-from imagene.pp._context import context_features, context_matrix, neighbor_features
+from imagene.pp._context import CONTEXT_SUFFIX, context_features, context_matrix, neighbor_features, scale_key
 from imagene.pp._features import embed_tiles
 from imagene.pp._grid import spot_grid, tissue_mask
 from imagene.pp._library import resolve_libraries
@@ -14,6 +14,7 @@ from imagene.pp._tile_graphs import embed_tile_crops, prepare_tile_graphs, tile_
 from imagene.pp._tiles import extract_tiles
 
 __all__ = [
+    "CONTEXT_SUFFIX",
     "context_features",
     "context_matrix",
     "embed_tile_crops",
@@ -28,6 +29,7 @@ __all__ = [
     "patch_graph",
     "prepare_tile_graphs",
     "resolve_libraries",
+    "scale_key",
     "section_split",
     "SectionCache",
     "spot_niche_inputs",
