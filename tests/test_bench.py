@@ -46,7 +46,7 @@ class Spy(Method):
         self.ctx_ = ctx
         self.mean_ = _log1p_cp10k(train.layers[ctx.layer]).mean(0)
         Spy.log.append({"stage": "fit", "ctx": ctx, "obs_names": list(train.obs_names), "obs": list(train.obs.columns),
-                        "sections": set(train.obs[ctx.section_key].astype(str)), "var": list(train.var_names)})
+                        "sections": set(train.obs[ctx.library_key].astype(str)), "var": list(train.var_names)})
 
     def predict_expression(self, test):
         Spy.log.append(
@@ -271,7 +271,7 @@ class RecordingModel(bench.ImageneModel):
     def fit(self, train, *, ctx):
         super().fit(train, ctx=ctx)
         m = self.model_
-        obs = m.adata.obs[ctx.section_key].astype(str)
+        obs = m.adata.obs[ctx.library_key].astype(str)
         RecordingModel.log.append({
             "name": self.name, "fold": ctx.fold, "train": set(obs.iloc[m.train_indices]),
             "validation": set(obs.iloc[m.validation_indices]),
@@ -355,7 +355,10 @@ def test_default_methods_cover_umpire_and_every_baseline():
         "umpire", "bleep_style", "ridge_probe", "context_ridge", "stnet_style", "random_reference", "mean_expression"
     ]
     assert "mean_expression" not in [m.name for m in bench.default_methods("retrieval")]
-    assert [m.name for m in bench.default_methods("clustering")] == ["umpire", "expression_pca", "image_features"]
+    assert [m.name for m in bench.default_methods("clustering")] == [
+        "umpire", "expression_pca", "expression_pca_smooth1", "expression_pca_smooth2",
+        "image_features", "image_features_smooth1", "image_features_smooth2",
+    ]
     with pytest.raises(ValueError, match="task"):
         bench.default_methods("segmentation")
 
@@ -416,11 +419,14 @@ def test_clustering_of_a1_against_pathologist_labels(her2st_cmd):
     assert a1.obs["label"].notna().sum() == 346  # every labelled spot of A1 joins its "{x}x{y}" key
     assert a1.uns["spatial"]["A1"]["metadata"]["source_image_scale"] == pytest.approx(2000 / 6954)
     assert (out / "cache" / "A1__tiny__32px__112um.npz").exists()
-    df = bench.run(a1, task="clustering", methods=[bench.ExpressionPCA(), bench.ImageFeatures()], seeds=[0],
+    df = bench.run(a1, task="clustering", methods=[bench.ExpressionPCA(), bench.ExpressionPCA(smooth=2),
+                                                   bench.ImageFeatures()], seeds=[0],
                    clustering_kwargs={"method": "gauss"})
     got = df.set_index(["method", "metric"])["value"]
     # pathologist regions of A1 are recovered from expression far above chance (ARI 0)
     assert got[("expression_pca", "ari_kmeans")] > 0.15
+    # the regions are spatially contiguous: averaging over neighbours recovers them better
+    assert got[("expression_pca_smooth2", "ari_kmeans")] > got[("expression_pca", "ari_kmeans")]
     assert set(df["fold"]) == {"A1"}
 
 
@@ -528,7 +534,7 @@ class Recorder(Method):
 
     def fit(self, train, *, ctx):
         self.mean_ = _log1p_cp10k(train.layers[ctx.layer]).mean(0)
-        Recorder.log.append(("fit", set(train.obs[ctx.section_key].astype(str)), ctx.test_sections))
+        Recorder.log.append(("fit", set(train.obs[ctx.library_key].astype(str)), ctx.test_sections))
 
     def predict_expression(self, test):
         Recorder.log.append(("predict", set(test.obs["section"].astype(str)), test.n_obs))
@@ -587,3 +593,38 @@ def test_bench_command_with_context_and_a_fixed_test_section(data_dir, tmp_path,
     plain = [c for c in cmd[:-1] if c != "--context"]
     assert bench.main([*plain, str(tmp_path / "plain")]) == 0
     assert "skipping ['context_ridge']" in capsys.readouterr().err
+
+
+def test_fold_context_section_key_is_a_deprecated_alias_of_library_key():
+    ctx = bench.FoldContext(task="expression", fold="S1", train_sections=("S0",), test_sections=("S1",),
+                            library_key="sect", image_key="X", layer="counts", genes=pd.Index(["a"]),
+                            hvg=np.array([0]), heg=np.array([0]))
+    assert ctx.library_key == "sect"
+    with pytest.warns(FutureWarning, match="library_key"):
+        assert ctx.section_key == "sect"
+
+
+def test_smoothing_averages_each_spot_with_its_six_nearest_spots_of_its_own_section():
+    from sklearn.neighbors import NearestNeighbors
+
+    from imagene.bench._baselines import smooth_over_neighbors
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, size=(60, 2))
+    a = ig.datasets.synthetic_he_st(n_obs=60, n_vars=5, n_sections=2, image_px=64, seed=0)
+    a.obsm["spatial"] = np.c_[xy, np.zeros(60)]  # a third column (z) is ignored
+    z = rng.normal(size=(60, 3))
+    before = {k: v.copy() for k, v in a.obsm.items()}
+    got = smooth_over_neighbors(a, z, 1, library_key="section")
+    sections = a.obs["section"].astype(str).to_numpy()
+    for s_ in np.unique(sections):  # by hand: the spot and its 6 nearest spots of the same section
+        idx = np.flatnonzero(sections == s_)
+        nn = NearestNeighbors(n_neighbors=7).fit(xy[idx]).kneighbors(xy[idx], return_distance=False)
+        np.testing.assert_allclose(got[idx], z[idx][nn].mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(smooth_over_neighbors(a, z, 2, library_key="section"),
+                               smooth_over_neighbors(a, got, 1, library_key="section"), rtol=1e-5, atol=1e-6)
+    assert smooth_over_neighbors(a, z, 0, library_key="section") is z
+    assert set(a.obsm) == set(before) and all(np.array_equal(a.obsm[k], before[k]) for k in before)
+    assert not a.obsp.keys()
+    with pytest.raises(ValueError, match="rounds"):
+        bench.ExpressionPCA(smooth=-1)

@@ -77,16 +77,7 @@ class _Regressor(Method):
     def embed(self, adata: AnnData, modality: str) -> np.ndarray:
         """Standardised predicted (``'image'``) or measured (``'gene'``) expression of the training HVGs.
 
-        Parameters
-        ----------
-        adata
-            Spots to embed.
-        modality
-            ``'image'`` or ``'gene'``.
-
-        Returns
-        -------
-        (n_obs, n_hvg) array.
+        Arguments as in :meth:`Method.embed`; returns an (n_obs, n_hvg) array.
         """
         ctx = self.ctx_
         if modality == "image":
@@ -122,16 +113,7 @@ class RidgeProbe(_Regressor):
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Fit scaler, PCA and ridge on the training spots.
 
-        Parameters
-        ----------
-        train
-            Training spots.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         y = self._fit_targets(train, ctx)
         x = np.asarray(train.obsm[self._key(ctx)], dtype=np.float64)
@@ -174,14 +156,7 @@ class RidgeProbe(_Regressor):
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Ridge predictions from the image features.
 
-        Parameters
-        ----------
-        test
-            Held-out spots.
-
-        Returns
-        -------
-        (n_test, n_genes) array.
+        Arguments as in :meth:`Method.predict_expression`; returns an (n_test, n_genes) array.
         """
         return self.probe_.predict(np.asarray(test.obsm[self._key(self.ctx_)], dtype=np.float64))
 
@@ -222,16 +197,9 @@ class ContextRidge(RidgeProbe):
         self.context_key = context_key
 
     def input_keys(self, image_key: str) -> tuple[str, ...]:
-        """The context matrix key.
+        """The context matrix key: ``(context_key,)``, by default ``('<image_key>_context',)``.
 
-        Parameters
-        ----------
-        image_key
-            The run's image feature key.
-
-        Returns
-        -------
-        ``(context_key,)``, by default ``('<image_key>_context',)``.
+        Arguments as in :meth:`Method.input_keys`.
         """
         return (self.context_key or f"{image_key}{CONTEXT_SUFFIX}",)
 
@@ -292,16 +260,7 @@ class STNetHead(_Regressor):
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Train the linear head with early stopping on a held-out training section.
 
-        Parameters
-        ----------
-        train
-            Training spots.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         import torch
         from lightning.pytorch.callbacks import EarlyStopping
@@ -310,7 +269,7 @@ class STNetHead(_Regressor):
 
         y = self._fit_targets(train, ctx).astype(np.float32)
         x = np.asarray(train.obsm[ctx.image_key], dtype=np.float32)
-        sections = train.obs[ctx.section_key].astype(str).to_numpy()
+        sections = train.obs[ctx.library_key].astype(str).to_numpy()
         names = sorted(set(sections))
         rng = np.random.default_rng(ctx.seed)
         if len(names) > 1:
@@ -351,14 +310,7 @@ class STNetHead(_Regressor):
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Linear-head predictions from the image features.
 
-        Parameters
-        ----------
-        test
-            Held-out spots.
-
-        Returns
-        -------
-        (n_test, n_genes) array.
+        Arguments as in :meth:`Method.predict_expression`; returns an (n_test, n_genes) array.
         """
         x = (np.asarray(test.obsm[self.ctx_.image_key], dtype=np.float32) - self.x_mean_) / self.x_sd_
         return x @ self.weight_ + self.bias_
@@ -392,16 +344,7 @@ class RandomReference(Method):
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Store the training expression (the reference bank).
 
-        Parameters
-        ----------
-        train
-            Training spots.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         self.reference_ = training_log1p(train, ctx)
         self.seed_ = [int(ctx.seed), zlib.crc32(ctx.fold.encode())]  # differs between folds
@@ -409,14 +352,7 @@ class RandomReference(Method):
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Mean of ``k`` uniformly drawn reference spots per query.
 
-        Parameters
-        ----------
-        test
-            Held-out spots.
-
-        Returns
-        -------
-        (n_test, n_genes) array.
+        Arguments as in :meth:`Method.predict_expression`; returns an (n_test, n_genes) array.
         """
         rng = np.random.default_rng([*self.seed_, 1])
         n_ref = self.reference_.shape[0]
@@ -427,16 +363,7 @@ class RandomReference(Method):
     def embed(self, adata: AnnData, modality: str) -> np.ndarray:
         """Gaussian noise, independent between modalities.
 
-        Parameters
-        ----------
-        adata
-            Spots to embed.
-        modality
-            Any modality.
-
-        Returns
-        -------
-        (n_obs, n_dims) array.
+        Arguments as in :meth:`Method.embed`; returns an (n_obs, n_dims) array.
         """
         stream = {"image": 2, "gene": 3, "joint": 4}.get(modality, 5)
         return np.random.default_rng([*self.seed_, stream]).standard_normal((adata.n_obs, self.n_dims))
@@ -459,32 +386,49 @@ class MeanExpression(Method):
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Store the training mean.
 
-        Parameters
-        ----------
-        train
-            Training spots.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         self.mean_ = training_log1p(train, ctx).mean(0)
 
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """The training mean for every spot.
 
-        Parameters
-        ----------
-        test
-            Held-out spots.
-
-        Returns
-        -------
-        (n_test, n_genes) array.
+        Arguments as in :meth:`Method.predict_expression`; returns an (n_test, n_genes) array.
         """
         return np.tile(self.mean_, (test.n_obs, 1))
+
+
+def smooth_over_neighbors(adata: AnnData, z: np.ndarray, rounds: int, *, library_key: str | None,
+                          n_neighs: int = 6) -> np.ndarray:
+    """Average ``z`` ``rounds`` times over each spot and its ``n_neighs`` nearest spots of the same section.
+
+    The graph is :func:`imagene.pp.niches` on the spot centres of ``adata`` (built on a light copy:
+    the user's AnnData is not touched) and the operator :func:`imagene.pp.niche_mean_operator`.
+    """
+    if rounds == 0:
+        return z
+    import pandas as pd
+
+    from imagene.pp import niche_mean_operator, niches
+
+    a = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
+    a.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    lib = None
+    if library_key is not None and library_key in adata.obs:
+        lib = library_key
+        a.obs[lib] = pd.Categorical(adata.obs[lib].astype(str).to_numpy())
+    niches(a, n_neighs=n_neighs, library_key=lib, niche_expression=False, key_added="smooth")
+    op = niche_mean_operator(a.obsp["smooth_connectivities"])
+    z = np.asarray(z, dtype=np.float64)
+    for _ in range(rounds):
+        z = np.asarray(op @ z)
+    return z
+
+
+def _check_smooth(smooth) -> int:
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
+        raise ValueError(f"smooth must be a number of neighbour-averaging rounds (0, 1, 2, ...); got {smooth!r}.")
+    return int(smooth)
 
 
 class ExpressionPCA(Method):
@@ -499,6 +443,10 @@ class ExpressionPCA(Method):
         Highly variable genes kept.
     n_comps
         Principal components.
+    smooth
+        Rounds of averaging the embedding over each spot and its 6 nearest spots of the same
+        section (:func:`smooth_over_neighbors`): ``0`` is scanpy's recipe; ``1`` and ``2`` are the
+        spatially smoothed baselines ``expression_pca_smooth1`` / ``_smooth2``.
 
     Examples
     --------
@@ -509,23 +457,17 @@ class ExpressionPCA(Method):
     tasks = ("clustering",)
     clustering_modalities = ("gene",)
 
-    def __init__(self, n_top_genes: int = 2000, n_comps: int = 50) -> None:
+    def __init__(self, n_top_genes: int = 2000, n_comps: int = 50, smooth: int = 0) -> None:
         self.n_top_genes = int(n_top_genes)
         self.n_comps = int(n_comps)
+        self.smooth = _check_smooth(smooth)
+        if self.smooth:
+            self.name = f"expression_pca_smooth{self.smooth}"
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Select HVGs and fit the PCA on the given spots.
 
-        Parameters
-        ----------
-        train
-            Spots to fit on.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         import scanpy as sc
 
@@ -543,22 +485,14 @@ class ExpressionPCA(Method):
     def embed(self, adata: AnnData, modality: str = "gene") -> np.ndarray:
         """Principal-component coordinates of the spots' expression.
 
-        Parameters
-        ----------
-        adata
-            Spots with counts.
-        modality
-            ``'gene'``.
-
-        Returns
-        -------
-        (n_obs, n_comps) array.
+        Arguments as in :meth:`Method.embed`; returns an (n_obs, n_comps) array.
         """
         if modality != "gene":
             raise ValueError(f"{self.name} embeds expression only (modality 'gene'); got {modality!r}.")
         x = log_normalize(adata[:, self.ctx_.genes].layers[self.ctx_.layer])
         x = x[:, self.ctx_.genes.get_indexer(self.genes_)]
-        return (x - self.mean_) @ self.components_
+        return smooth_over_neighbors(adata, (x - self.mean_) @ self.components_, self.smooth,
+                                     library_key=self.ctx_.library_key)
 
 
 class ImageFeatures(Method):
@@ -568,32 +502,26 @@ class ImageFeatures(Method):
     ----------
     n_comps
         Principal components.
+    smooth
+        Rounds of neighbour averaging, as for :class:`ExpressionPCA` (``image_features_smooth1`` / ``_smooth2``).
 
-    Examples
-    --------
-    >>> imagene.bench.run(a1, task="clustering", methods=[imagene.bench.ImageFeatures()])
+    Used like :class:`ExpressionPCA` (``methods=[imagene.bench.ImageFeatures()]``).
     """
 
     name = "image_features"
     tasks = ("clustering",)
     clustering_modalities = ("image",)
 
-    def __init__(self, n_comps: int = 50) -> None:
+    def __init__(self, n_comps: int = 50, smooth: int = 0) -> None:
         self.n_comps = int(n_comps)
+        self.smooth = _check_smooth(smooth)
+        if self.smooth:
+            self.name = f"image_features_smooth{self.smooth}"
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Fit scaler and PCA on the given spots' features.
 
-        Parameters
-        ----------
-        train
-            Spots to fit on.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing.
+        Arguments as in :meth:`Method.fit`; returns nothing.
         """
         from sklearn.decomposition import PCA
         from sklearn.pipeline import make_pipeline
@@ -607,17 +535,9 @@ class ImageFeatures(Method):
     def embed(self, adata: AnnData, modality: str = "image") -> np.ndarray:
         """Principal-component coordinates of the spots' image features.
 
-        Parameters
-        ----------
-        adata
-            Spots with image features.
-        modality
-            ``'image'``.
-
-        Returns
-        -------
-        (n_obs, n_comps) array.
+        Arguments as in :meth:`Method.embed`; returns an (n_obs, n_comps) array.
         """
         if modality != "image":
             raise ValueError(f"{self.name} embeds image features only (modality 'image'); got {modality!r}.")
-        return self.pipeline_.transform(np.asarray(adata.obsm[self.ctx_.image_key], dtype=np.float64))
+        z = self.pipeline_.transform(np.asarray(adata.obsm[self.ctx_.image_key], dtype=np.float64))
+        return smooth_over_neighbors(adata, z, self.smooth, library_key=self.ctx_.library_key)

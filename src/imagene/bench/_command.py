@@ -213,7 +213,7 @@ def _run_command(args: argparse.Namespace) -> int:
             methods = [m for m in methods if m.name not in lacking] or methods
         seeds = [args.seed + i for i in range(args.n_seeds)] if group == ("clustering",) else [args.seed]
         dfs = run(
-            adata, task=list(group), section_key="section", methods=methods, split=args.split, patient_key="patient",
+            adata, task=list(group), library_key="section", methods=methods, split=args.split, patient_key="patient",
             image_key=f"X_he_{args.encoder}", layer="counts", label_key="label", ignore_labels=("undetermined",),
             n_genes=50, min_detected=0.1, max_epochs=args.epochs, seeds=seeds, n_spot_folds=5, clustering_kwargs=None,
             test_sections=args.test_sections if group != ("clustering",) else None,

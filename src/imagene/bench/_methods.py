@@ -34,7 +34,7 @@ class FoldContext:
         Name of the fold (the held-out section(s) or patient).
     train_sections, test_sections
         Sections on each side of the split (the same section for clustering, which is unsupervised).
-    section_key
+    library_key
         ``obs`` column of sections in the AnnData given to ``fit``.
     image_key
         ``obsm`` key of the frozen image features.
@@ -64,7 +64,7 @@ class FoldContext:
     fold: str
     train_sections: tuple[str, ...]
     test_sections: tuple[str, ...]
-    section_key: str
+    library_key: str
     image_key: str
     layer: str
     genes: pd.Index
@@ -73,6 +73,14 @@ class FoldContext:
     seed: int = 0
     max_epochs: int = 100
     n_clusters: int | None = None
+
+    @property
+    def section_key(self) -> str:
+        """Deprecated name of :attr:`library_key` (FutureWarning)."""
+        import warnings
+
+        warnings.warn("FoldContext.section_key is deprecated; use FoldContext.library_key.", FutureWarning, stacklevel=2)
+        return self.library_key
 
 
 class Method:
@@ -253,19 +261,10 @@ class ImageneModel(Method):
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Register, build and train the model on the training spots (see the class docstring).
 
-        Parameters
-        ----------
-        train
-            Training spots.
-        ctx
-            The fold.
-
-        Returns
-        -------
-        Nothing; the trained model is ``self.model_``.
+        Arguments as in :meth:`Method.fit`; returns nothing; the trained model is ``self.model_``.
         """
-        n_sections = train.obs[ctx.section_key].nunique()
-        library_key = ctx.section_key if n_sections > 1 else None
+        n_sections = train.obs[ctx.library_key].nunique()
+        library_key = ctx.library_key if n_sections > 1 else None
         self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=ctx.image_key, library_key=library_key)
         model = self.model_cls(train, **self.model_kwargs)
         kwargs = {"max_epochs": ctx.max_epochs, "enable_progress_bar": False, **self.train_kwargs}
@@ -281,14 +280,7 @@ class ImageneModel(Method):
     def predict_expression(self, test: AnnData) -> np.ndarray:
         """Query-reference prediction from the image features of ``test``.
 
-        Parameters
-        ----------
-        test
-            Held-out spots with image features.
-
-        Returns
-        -------
-        (n_test, n_genes) ``log1p`` CP10k predictions; with ``predictions``, a dict of them by result key.
+        Arguments as in :meth:`Method.predict_expression`; returns the (n_test, n_genes) ``log1p`` CP10k predictions; with ``predictions``, a dict of them by result key.
         """
         model = self._model()
 
@@ -305,16 +297,7 @@ class ImageneModel(Method):
     def embed(self, adata: AnnData, modality: str) -> np.ndarray:
         """The model's L2-normalised latent of ``adata`` in ``modality``.
 
-        Parameters
-        ----------
-        adata
-            Spots to embed.
-        modality
-            ``'image'``, ``'gene'`` or ``'joint'``.
-
-        Returns
-        -------
-        (n_obs, n_latent) array.
+        Arguments as in :meth:`Method.embed`; returns an (n_obs, n_latent) array.
         """
         return np.asarray(self._model().get_latent_representation(adata, modality=modality))
 

@@ -108,19 +108,7 @@ def summarize(df: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
 
 
 def summary_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Deprecated alias of ``imagene.bench.summarize(df, task)`` (FutureWarning).
-
-    Parameters
-    ----------
-    df
-        Tidy results of :func:`imagene.bench.run`.
-    task
-        The task of ``df``.
-
-    Returns
-    -------
-    The display table of :func:`summarize` with ``task``.
-    """
+    """Deprecated alias of ``imagene.bench.summarize(df, task)`` (FutureWarning); returns its display table."""
     import warnings
 
     warnings.warn(
@@ -199,10 +187,8 @@ def plot_results(df: pd.DataFrame, task: str):
 
     Parameters
     ----------
-    df
-        Tidy results of :func:`imagene.bench.run`.
-    task
-        The task of ``df``.
+    df, task
+        Tidy results of :func:`imagene.bench.run` and their task, as for :func:`per_fold_table`.
 
     Returns
     -------

@@ -44,32 +44,28 @@ def default_methods(task: str = "expression") -> list[Method]:
     :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the
     mean-expression floors; for ``'retrieval'`` the same without the mean (it has no image
     embedding); for ``'clustering'`` UMPIRE (joint and image latents), scanpy PCA on expression
-    and the image features alone.
+    and the image features alone, each also averaged once and twice over every spot and its 6
+    nearest spots (the spatially smoothed baselines ``*_smooth1``, ``*_smooth2``).
 
     Examples
     --------
     >>> [m.name for m in imagene.bench.default_methods("clustering")]
-    ['umpire', 'expression_pca', 'image_features']
+    ['umpire', 'expression_pca', 'expression_pca_smooth1', 'expression_pca_smooth2', 'image_features', ...]
     """
-    from imagene.bench._baselines import (
-        ContextRidge,
-        ExpressionPCA,
-        ImageFeatures,
-        MeanExpression,
-        RandomReference,
-        RidgeProbe,
-        STNetHead,
-    )
+    from imagene.bench import _baselines as b
     from imagene.bench._methods import ImageneModel, bleep_style
 
     _check_task(task)
     if task == "clustering":
-        return [ImageneModel(), ExpressionPCA(), ImageFeatures()]
+        return [
+            ImageneModel(), b.ExpressionPCA(), b.ExpressionPCA(smooth=1), b.ExpressionPCA(smooth=2),
+            b.ImageFeatures(), b.ImageFeatures(smooth=1), b.ImageFeatures(smooth=2),
+        ]
     methods: list[Method] = [
-        ImageneModel(), bleep_style(), RidgeProbe(), ContextRidge(), STNetHead(), RandomReference()
+        ImageneModel(), bleep_style(), b.RidgeProbe(), b.ContextRidge(), b.STNetHead(), b.RandomReference()
     ]
     if task == "expression":
-        methods.append(MeanExpression())
+        methods.append(b.MeanExpression())
     return methods
 
 
@@ -222,7 +218,7 @@ def _subset(
     *,
     counts: Any,
     image_key: str,
-    section_key: str,
+    library_key: str,
     with_counts: bool = True,
     drop_obs: Sequence[str] = (),
     extra_keys: Sequence[str] = (),
@@ -245,8 +241,8 @@ def _subset(
         obsm[KEYS.SPATIAL] = np.asarray(adata.obsm[KEYS.SPATIAL])[idx]
     out = AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes.copy()), obsm=obsm, layers=layers)
     spatial = adata.uns.get("spatial", {})
-    if section_key in obs:
-        present = set(obs[section_key].astype(str))
+    if library_key in obs:
+        present = set(obs[library_key].astype(str))
         out.uns["spatial"] = {k: v for k, v in spatial.items() if k in present}
     return out
 
@@ -370,7 +366,7 @@ def run(
     if len({o.fold_kind for o in objs}) > 1:
         raise ValueError("The clustering task has its own folds (labelled sections); run it separately.")
     spec = RunSpec(
-        section_key=library_key, split=split, patient_key=patient_key, label_key=label_key,
+        library_key=library_key, split=split, patient_key=patient_key, label_key=label_key,
         ignore_labels=tuple(ignore_labels), n_spot_folds=n_spot_folds, test_sections=test_sections,
         clustering_kwargs=_check_clustering_kwargs(clustering_kwargs),
     )
@@ -461,11 +457,11 @@ def _run(
 ) -> dict[str, pd.DataFrame]:
     """Tasks × methods × folds: each method is fitted once per fold and seed and scored on every task it takes
     part in (tasks given together share their folds, so expression and retrieval share their fits)."""
-    section_key = spec.section_key
+    library_key = spec.library_key
     for t in tasks:
         t.check(adata, spec)
-    if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found. Pass the obs column of sections as `library_key=`.")
+    if library_key not in adata.obs:
+        raise KeyError(f"adata.obs[{library_key!r}] not found. Pass the obs column of sections as `library_key=`.")
     if adata.obs_names.has_duplicates:
         raise ValueError(
             "adata.obs_names are not unique, so held-out spots cannot be told from training spots. Concatenate "
@@ -474,7 +470,7 @@ def _run(
         )
     if not (0 <= min_detected < 1):
         raise ValueError(f"min_detected must be a fraction in [0, 1); got {min_detected!r}.")
-    check_split(adata, spec.split, section_key)
+    check_split(adata, spec.split, library_key)
     image_key = _check_image_key(adata, image_key)
     counts = sp.csr_matrix(get_counts(adata, layer))
     methods, extra_keys = _check_methods(adata, tasks, methods, image_key)
@@ -507,7 +503,7 @@ def _run_fold(
     seeds: Sequence[int],
 ) -> None:
     """One fold: genes and gene sets from its training spots, what methods see, then every seed and method."""
-    section_key, label_key = spec.section_key, spec.label_key
+    library_key, label_key = spec.library_key, spec.label_key
     lead = tasks[0]
     train_mask = fold.train
     any_test = np.logical_or.reduce([m for _, m in fold.parts])
@@ -516,7 +512,7 @@ def _run_fold(
     y_train = log_normalize(counts[train_mask][:, cols])
     hvg = top_variable_genes(y_train, n_genes)
     heg = top_expressed_genes(y_train, n_genes)
-    sub = {"counts": counts, "image_key": image_key, "section_key": section_key, "extra_keys": extra_keys}
+    sub = {"counts": counts, "image_key": image_key, "library_key": library_key, "extra_keys": extra_keys}
     drop = [label_key] if lead.hide_labels_in_training else []
     train = _subset(adata, train_mask, genes, drop_obs=drop, **sub)
     parts = []
@@ -536,7 +532,7 @@ def _run_fold(
             part = t.part(adata, test_mask, spec, part)
         parts.append(part)
     test_names = adata.obs_names[any_test]
-    sections = adata.obs[section_key].astype(str).to_numpy()
+    sections = adata.obs[library_key].astype(str).to_numpy()
     task_name = "+".join(t.name for t in tasks)
     for seed in seeds:
         fold_name = fold.name if len(seeds) == 1 else f"{fold.name}/seed{seed}"
@@ -545,7 +541,7 @@ def _run_fold(
             fold=fold_name,
             train_sections=tuple(dict.fromkeys(sections[train_mask])),
             test_sections=tuple(dict.fromkeys(sections[any_test])),
-            section_key=section_key,
+            library_key=library_key,
             image_key=image_key,
             layer=KEYS.COUNTS,
             genes=genes,

@@ -30,7 +30,7 @@ RECALL_PERCENTS = (5, 10, 15)
 class RunSpec:
     """The validated settings of one run, shared by its tasks (see :func:`imagene.bench.run`)."""
 
-    section_key: str
+    library_key: str
     split: str
     patient_key: str
     label_key: str
@@ -109,12 +109,12 @@ class Task:
 # ------------------------------------------------------------------------------------------
 # supervised folds: leave one section / patient out, k-fold over the spots of one section, a fixed test set
 # ------------------------------------------------------------------------------------------
-def check_split(adata: AnnData, split: str, section_key: str) -> None:
+def check_split(adata: AnnData, split: str, library_key: str) -> None:
     """``split`` is known, and ``'spot'`` is asked for one section only."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}.")
     if split == "spot":
-        names = list(pd.Categorical(adata.obs[section_key].astype(str)).categories)
+        names = list(pd.Categorical(adata.obs[library_key].astype(str)).categories)
         if len(names) > 1:
             raise ValueError(
                 f"split='spot' on {len(names)} sections {names} would put neighbouring spots of one section on both "
@@ -124,11 +124,11 @@ def check_split(adata: AnnData, split: str, section_key: str) -> None:
 
 
 def split_folds(
-    adata: AnnData, *, split: str, section_key: str, patient_key: str, n_spot_folds: int, seed: int
+    adata: AnnData, *, split: str, library_key: str, patient_key: str, n_spot_folds: int, seed: int
 ) -> list[tuple[str, np.ndarray]]:
     """``(fold name, boolean test mask)`` for every fold of ``split`` (checked by :func:`check_split`)."""
-    check_split(adata, split, section_key)
-    sections = adata.obs[section_key].astype(str).to_numpy()
+    check_split(adata, split, library_key)
+    sections = adata.obs[library_key].astype(str).to_numpy()
     names = list(dict.fromkeys(pd.Categorical(sections).categories))
     if split == "spot":
         warn(
@@ -147,7 +147,7 @@ def split_folds(
     if split == "section":
         if len(names) < 2:
             raise ValueError(
-                f"Leave-one-section-out needs at least 2 sections in adata.obs[{section_key!r}]; got {names}. "
+                f"Leave-one-section-out needs at least 2 sections in adata.obs[{library_key!r}]; got {names}. "
                 "Add sections, or pass split='spot' for a (optimistic) spot-level split of a single section."
             )
         return [(s, sections == s) for s in names]
@@ -169,7 +169,7 @@ def split_folds(
     return [(f"patient {p}", patients == p) for p in pnames]
 
 
-def fixed_test_folds(adata: AnnData, *, section_key: str, split: str, test_sections: Sequence[str]) -> list[Fold]:
+def fixed_test_folds(adata: AnnData, *, library_key: str, split: str, test_sections: Sequence[str]) -> list[Fold]:
     """One fit on every section not in ``test_sections``, scored on each test section in turn."""
     if split != "section":
         raise ValueError(
@@ -177,12 +177,12 @@ def fixed_test_folds(adata: AnnData, *, section_key: str, split: str, test_secti
             "(the default) with test_sections, or drop test_sections to leave one patient out."
         )
     tests = [test_sections] if isinstance(test_sections, str) else [str(s) for s in test_sections]
-    sections = adata.obs[section_key].astype(str).to_numpy()
+    sections = adata.obs[library_key].astype(str).to_numpy()
     names = list(pd.Categorical(sections).categories)
     unknown = [s for s in tests if s not in names]
     if not tests or unknown or len(set(tests)) != len(tests):
         raise ValueError(
-            f"test_sections must name distinct sections of adata.obs[{section_key!r}] ({names}); got {tests}."
+            f"test_sections must name distinct sections of adata.obs[{library_key!r}] ({names}); got {tests}."
         )
     train = ~np.isin(sections, tests)
     if not train.any():
@@ -198,10 +198,10 @@ class _HeldOut(Task):
     def folds(self, adata: AnnData, spec: RunSpec, seed: int) -> list[Fold]:
         if spec.test_sections is not None:
             return fixed_test_folds(
-                adata, section_key=spec.section_key, split=spec.split, test_sections=spec.test_sections
+                adata, library_key=spec.library_key, split=spec.split, test_sections=spec.test_sections
             )
         parts = split_folds(
-            adata, split=spec.split, section_key=spec.section_key, patient_key=spec.patient_key,
+            adata, split=spec.split, library_key=spec.library_key, patient_key=spec.patient_key,
             n_spot_folds=spec.n_spot_folds, seed=seed,
         )
         return [Fold(name, ~mask, [(name, mask)]) for name, mask in parts]
@@ -290,7 +290,7 @@ class ClusteringTask(Task):
                 f"adata.obs[{label_key!r}] not found: the clustering task scores clusters against reference labels "
                 "(e.g. pathologist regions). Add them, or pass the obs column as `label_key=`."
             )
-        sections = adata.obs[spec.section_key].astype(str)
+        sections = adata.obs[spec.library_key].astype(str)
         labels = adata.obs[label_key]
         usable = labels.notna() & ~labels.astype(str).isin(ignore)
         out = []
@@ -371,14 +371,14 @@ class ZeroShotGenesTask(Task):
         self.n_unseen, self.n_seen, self.n_top = int(n_unseen), int(n_seen), int(n_top)
 
     def folds(self, adata, spec, seed):
-        parts = split_folds(adata, split="section", section_key=spec.section_key, patient_key=spec.patient_key,
+        parts = split_folds(adata, split="section", library_key=spec.library_key, patient_key=spec.patient_key,
                             n_spot_folds=spec.n_spot_folds, seed=seed)
         if spec.test_sections is not None:  # each of these sections is left out in turn
             names = [f for f, _ in parts]
             missing = set(spec.test_sections) - set(names)
             if missing:
                 raise ValueError(
-                    f"test_sections {sorted(missing)} not in adata.obs[{spec.section_key!r}] ({names})."
+                    f"test_sections {sorted(missing)} not in adata.obs[{spec.library_key!r}] ({names})."
                 )
             parts = [(f, m) for f, m in parts if f in set(spec.test_sections)]
         return [Fold(name, ~mask, [(name, mask)]) for name, mask in parts]

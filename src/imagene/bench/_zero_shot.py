@@ -105,16 +105,16 @@ def zero_shot(
     check_adata(adata)
     library_key = renamed_kwarg("library_key", library_key, "section_key", section_key,
                                 where="imagene.bench.zero_shot")
-    section_key = "section" if library_key is None else library_key
+    library_key = "section" if library_key is None else library_key
     unknown = set(methods) - set(ZERO_SHOT_METHODS)
     if unknown:
         raise ValueError(f"Unknown methods {sorted(unknown)}; choose from {list(ZERO_SHOT_METHODS)}.")
-    if section_key not in adata.obs:
-        raise KeyError(f"adata.obs[{section_key!r}] not found; pass the obs column of sections as `library_key=`.")
+    if library_key not in adata.obs:
+        raise KeyError(f"adata.obs[{library_key!r}] not found; pass the obs column of sections as `library_key=`.")
     image_key = _check_image_key(adata, image_key)  # the runner's guard: frozen features, not a fit over all spots
     counts = get_counts(adata, layer)
     task = ZeroShotGenesTask(n_unseen=n_unseen, n_seen=n_seen, n_top=n_top)
-    spec = RunSpec(section_key=section_key, split="section", patient_key="patient", label_key="label",
+    spec = RunSpec(library_key=library_key, split="section", patient_key="patient", label_key="label",
                    ignore_labels=(), n_spot_folds=5, test_sections=test_sections)
     folds = [(f.name, ~f.train) for f in task.folds(adata, spec, seed=0)]
     described = gene_descriptions(list(adata.var_names))
@@ -133,7 +133,7 @@ def zero_shot(
         if "alignst" in methods:
             t = time.perf_counter()
             train = adata[train_idx].copy()
-            AlignST.setup_anndata(train, layer=layer, image_key=image_key, library_key=section_key)
+            AlignST.setup_anndata(train, layer=layer, image_key=image_key, library_key=library_key)
             model = AlignST(train, **(model_kwargs or {}))
             model.train(max_epochs=max_epochs, seen_genes=seen, unseen_genes=unseen, **(train_kwargs or {}))
             query = adata[test_idx].copy()
