@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from imagene._utils import log_normalize
-from imagene.bench._methods import FoldContext, Method, training_log1p
+from imagene.bench._methods import FoldContext, Method, check_smooth, smooth_over_neighbors, training_log1p
 from imagene.pp import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
@@ -398,39 +398,6 @@ class MeanExpression(Method):
         return np.tile(self.mean_, (test.n_obs, 1))
 
 
-def smooth_over_neighbors(adata: AnnData, z: np.ndarray, rounds: int, *, library_key: str | None,
-                          n_neighs: int = 6) -> np.ndarray:
-    """Average ``z`` ``rounds`` times over each spot and its ``n_neighs`` nearest spots of the same section.
-
-    The graph is :func:`imagene.pp.niches` on the spot centres of ``adata`` (built on a light copy:
-    the user's AnnData is not touched) and the operator :func:`imagene.pp.niche_mean_operator`.
-    """
-    if rounds == 0:
-        return z
-    import pandas as pd
-
-    from imagene.pp import niche_mean_operator, niches
-
-    a = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
-    a.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
-    lib = None
-    if library_key is not None and library_key in adata.obs:
-        lib = library_key
-        a.obs[lib] = pd.Categorical(adata.obs[lib].astype(str).to_numpy())
-    niches(a, n_neighs=n_neighs, library_key=lib, niche_expression=False, key_added="smooth")
-    op = niche_mean_operator(a.obsp["smooth_connectivities"])
-    z = np.asarray(z, dtype=np.float64)
-    for _ in range(rounds):
-        z = np.asarray(op @ z)
-    return z
-
-
-def _check_smooth(smooth) -> int:
-    if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
-        raise ValueError(f"smooth must be a number of neighbour-averaging rounds (0, 1, 2, ...); got {smooth!r}.")
-    return int(smooth)
-
-
 class ExpressionPCA(Method):
     """Clustering reference from expression alone: the scanpy recipe (log1p CP10k → HVGs → PCA).
 
@@ -460,7 +427,7 @@ class ExpressionPCA(Method):
     def __init__(self, n_top_genes: int = 2000, n_comps: int = 50, smooth: int = 0) -> None:
         self.n_top_genes = int(n_top_genes)
         self.n_comps = int(n_comps)
-        self.smooth = _check_smooth(smooth)
+        self.smooth = check_smooth(smooth)
         if self.smooth:
             self.name = f"expression_pca_smooth{self.smooth}"
 
@@ -514,7 +481,7 @@ class ImageFeatures(Method):
 
     def __init__(self, n_comps: int = 50, smooth: int = 0) -> None:
         self.n_comps = int(n_comps)
-        self.smooth = _check_smooth(smooth)
+        self.smooth = check_smooth(smooth)
         if self.smooth:
             self.name = f"image_features_smooth{self.smooth}"
 

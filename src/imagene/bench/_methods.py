@@ -191,6 +191,39 @@ def training_log1p(adata: AnnData, ctx: FoldContext) -> np.ndarray:
     return log_normalize(a.layers[ctx.layer])
 
 
+def smooth_over_neighbors(adata: AnnData, z: np.ndarray, rounds: int, *, library_key: str | None,
+                          n_neighs: int = 6) -> np.ndarray:
+    """Average ``z`` ``rounds`` times over each spot and its ``n_neighs`` nearest spots of the same section.
+
+    The graph is :func:`imagene.pp.niches` on the spot centres of ``adata`` (built on a light copy:
+    the user's AnnData is not touched) and the operator :func:`imagene.pp.niche_mean_operator`.
+    """
+    if rounds == 0:
+        return z
+    import pandas as pd
+
+    from imagene.pp import niche_mean_operator, niches
+
+    a = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
+    a.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    lib = None
+    if library_key is not None and library_key in adata.obs:
+        lib = library_key
+        a.obs[lib] = pd.Categorical(adata.obs[lib].astype(str).to_numpy())
+    niches(a, n_neighs=n_neighs, library_key=lib, niche_expression=False, key_added="smooth")
+    op = niche_mean_operator(a.obsp["smooth_connectivities"])
+    z = np.asarray(z, dtype=np.float64)
+    for _ in range(rounds):
+        z = np.asarray(op @ z)
+    return z
+
+
+def check_smooth(smooth) -> int:
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
+        raise ValueError(f"smooth must be a number of neighbour-averaging rounds (0, 1, 2, ...); got {smooth!r}.")
+    return int(smooth)
+
+
 class ImageneModel(Method):
     """Any imagene alignment model (``setup_anndata`` / ``train`` / ``predict_expression`` / latents) as a method.
 
@@ -223,6 +256,9 @@ class ImageneModel(Method):
         to extra arguments of ``model.predict_expression`` (e.g. ``{"reference": {}, "probe":
         {"method": "probe"}}`` for :class:`imagene.model.STAlign`). ``None``: one prediction,
         scored as ``name``.
+    smooth
+        Rounds of averaging the clustered latents over each spot and its 6 nearest spots of the
+        same section (:func:`smooth_over_neighbors`), as the smoothed baselines of the clustering task.
 
     Examples
     --------
@@ -242,6 +278,7 @@ class ImageneModel(Method):
         tasks: Sequence[str] = TASKS,
         clustering_modalities: Sequence[str] = ("joint", "image"),
         predictions: dict[str, dict[str, Any]] | None = None,
+        smooth: int = 0,
     ) -> None:
         if model_cls is None:
             from imagene.model import UMPIRE
@@ -256,6 +293,7 @@ class ImageneModel(Method):
         self.tasks = tuple(tasks)
         self.clustering_modalities = tuple(clustering_modalities)
         self.predictions = None if predictions is None else {str(k): dict(v) for k, v in predictions.items()}
+        self.smooth = check_smooth(smooth)
         self.model_ = None
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
@@ -263,6 +301,7 @@ class ImageneModel(Method):
 
         Arguments as in :meth:`Method.fit`; returns nothing; the trained model is ``self.model_``.
         """
+        self.ctx_ = ctx
         n_sections = train.obs[ctx.library_key].nunique()
         library_key = ctx.library_key if n_sections > 1 else None
         self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=ctx.image_key, library_key=library_key)
@@ -299,7 +338,8 @@ class ImageneModel(Method):
 
         Arguments as in :meth:`Method.embed`; returns an (n_obs, n_latent) array.
         """
-        return np.asarray(self._model().get_latent_representation(adata, modality=modality))
+        z = np.asarray(self._model().get_latent_representation(adata, modality=modality))
+        return smooth_over_neighbors(adata, z, self.smooth, library_key=self.ctx_.library_key)
 
     def __repr__(self) -> str:
         return f"ImageneModel({self.model_cls.__name__}, name={self.name!r})"
