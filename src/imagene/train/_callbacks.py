@@ -75,6 +75,8 @@ def recover_best_epoch(trainer, callbacks, module: torch.nn.Module) -> None:
     :meth:`RestoreBestWeights.on_train_end` put the best value and epoch there. The callback then
     holds the returned weights, so that :func:`monitor_summary` reports the restored epoch.
     """
+    if trainer is None:
+        return
     metrics = trainer.callback_metrics
     for cb in callbacks or ():
         key = BEST_PREFIX + getattr(cb, "monitor", "")
