@@ -249,7 +249,8 @@ class AlignST(AlignmentMixin, BaseModelClass):
             With validation sections, end with the weights of the epoch of best ``pcc_validation``
             (:class:`imagene.train.RestoreBestWeights`).
         accelerator, devices
-            Lightning settings.
+            Lightning settings; under DDP (``strategy="ddp"``, ...) each process trains on its share of the
+            training sections (at least one each) and validates on every held-out section.
         checkpoint_dir, resume
             Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
             (:func:`imagene.train.checkpoint_settings`).
