@@ -87,6 +87,10 @@ def test_other_models_train_under_ddp_spawn(name, data):
     changed = [k for k, v in m.module.state_dict().items() if not np.array_equal(before[k].numpy(), v.numpy())]
     assert changed  # the weights trained in the worker processes came back
     assert np.isfinite(m.get_latent_representation()).all()
+    # the epoch the workers restored is known in the main process (restore_best_weights is on by default)
+    monitor = m.train_monitor_
+    values = m.history[monitor["monitor"]].iloc[:, 0].to_numpy()
+    assert monitor["restored_epoch"] == int(np.argmax(values) if monitor["mode"] == "max" else np.argmin(values))
 
 
 @pytest.fixture(scope="module")
