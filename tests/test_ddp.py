@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import imagene as ig
+from imagene._utils import log_normalize
 from imagene.metrics import recall_at_k
+from imagene.nn import mse_pcc_loss
 
 DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn", "enable_progress_bar": False}
 ONE = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -70,7 +73,7 @@ def _other(name, data):
                                       crop_px=16, tile_size_um=70)
         return ig.model.SIGMMA(a, n_latent=8, n_hidden=16), {"batch_size": 4}
     a.varm["gene_vec"] = np.random.default_rng(1).normal(size=(a.n_vars, 16)).astype(np.float32)
-    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", batch_key="section", nuclei_key=None,
+    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section", nuclei_key=None,
                                    gene_embedding_key="gene_vec")
     return ig.model.AlignST(a, n_hidden=16, n_layers=1), {"seen_genes": list(a.var_names[2:])}
 
@@ -84,10 +87,68 @@ def test_other_models_train_under_ddp_spawn(name, data):
     changed = [k for k, v in m.module.state_dict().items() if not np.array_equal(before[k].numpy(), v.numpy())]
     assert changed  # the weights trained in the worker processes came back
     assert np.isfinite(m.get_latent_representation()).all()
+    # the epoch the workers restored is known in the main process (restore_best_weights is on by default)
+    monitor = m.train_monitor_
+    values = m.history[monitor["monitor"]].iloc[:, 0].to_numpy()
+    assert monitor["restored_epoch"] == int(np.argmax(values) if monitor["mode"] == "max" else np.argmin(values))
 
 
-def test_alignst_refuses_ddp_with_the_fix(data):
+@pytest.fixture(scope="module")
+def three_sections():
+    a = ig.datasets.synthetic_he_st(n_obs=240, n_vars=30, n_sections=3, image_px=256, seed=0)
+    ig.pp.extract_tiles(a, tile_size_um=24, tile_px=16, show_progress_bar=False)
+    ig.pp.embed_tiles(a, encoder="tiny", show_progress_bar=False)
+    del a.obsm["imagene_tiles"]
+    a.varm["gene_vec"] = np.random.default_rng(1).normal(size=(a.n_vars, 16)).astype(np.float32)
+    return a
+
+
+def _alignst(data, **train):
+    a = data.copy()
+    ig.settings.seed = 0
+    ig.model.AlignST.setup_anndata(a, layer="counts", image_key="X_he_tiny", library_key="section", nuclei_key=None,
+                                   gene_embedding_key="gene_vec")
+    m = ig.model.AlignST(a, n_hidden=16, n_layers=1)
+    m.train(max_epochs=3, seen_genes=list(a.var_names[2:]), validation_sections=["S2"], early_stopping=False,
+            restore_best_weights=True, **train)
+    return m
+
+
+def test_alignst_ddp_spawn_matches_a_single_process_run(three_sections, tmp_path):
+    # nuclei_key=None leaves the nuclei fusion idle (DDP then needs find_unused_parameters); one training
+    # section per rank, every rank validates on S2
+    ddp = _alignst(three_sections, **DDP)
+    one = _alignst(three_sections, **ONE)
+    for m in (ddp, one):
+        assert m.is_trained_
+        assert len(m.history["train_loss"]) == len(m.history["pcc_validation"]) == 3  # the history came back
+    # the best epoch restored in the workers is known in the main process, and it is the best of the history
+    pcc = ddp.history["pcc_validation"].iloc[:, 0].to_numpy()
+    best = ddp.train_monitor_["restored_epoch"]
+    assert best == int(np.argmax(pcc)) and ddp.train_monitor_["best_value"] == pytest.approx(pcc[best], abs=1e-6)
+    # the validation metric is computed once over the held-out section (reduced over the ranks): it equals
+    # the mean per-gene Pearson r of the returned (restored) weights' predictions
+    val = np.flatnonzero(ddp.adata.obs["section"].to_numpy() == "S2")
+    seen = ddp.seen_genes_
+    pred = ddp.predict_expression(gene_list=seen, return_numpy=True)[val]
+    y = log_normalize(ddp.adata[val, seen].layers["counts"])
+    by_hand = float(mse_pcc_loss(torch.as_tensor(pred), torch.as_tensor(y))[1])
+    assert pcc[best] == pytest.approx(by_hand, abs=1e-5)
+    # similar to one process: an epoch is one step over both sections (one per rank) instead of two
+    # steps, so the loss falls more slowly, but alike
+    one_loss = one.history["validation_loss"].iloc[:, 0].to_numpy()
+    ddp_loss = ddp.history["validation_loss"].iloc[:, 0].to_numpy()
+    assert ddp_loss[-1] < ddp_loss[0] and one_loss[-1] < one_loss[0]
+    assert np.allclose(ddp_loss, one_loss, rtol=0.25), (ddp_loss, one_loss)
+    assert abs(pcc[best] - one.train_monitor_["best_value"]) < 0.15
+    ddp.save(tmp_path / "ddp")
+    one.save(tmp_path / "one")
+    files = {d: sorted(p.name for p in (tmp_path / d).rglob("*")) for d in ("ddp", "one")}
+    assert files["ddp"] == files["one"] and files["ddp"]
+
+
+def test_alignst_needs_a_training_section_per_process(data):
     m, kw = _other("AlignST", data)
-    with pytest.raises(NotImplementedError, match="devices=1"):
-        m.train(max_epochs=1, **kw, **DDP)
+    with pytest.raises(ValueError, match="at most 1 devices"):
+        m.train(max_epochs=1, validation_sections=["S1"], **kw, **DDP)
     assert not m.is_trained_

@@ -249,7 +249,8 @@ class AlignST(AlignmentMixin, BaseModelClass):
             With validation sections, end with the weights of the epoch of best ``pcc_validation``
             (:class:`imagene.train.RestoreBestWeights`).
         accelerator, devices
-            Lightning settings.
+            Lightning settings; under DDP (``strategy="ddp"``, ...) each process trains on its share of the
+            training sections (at least one each) and validates on every held-out section.
         checkpoint_dir, resume
             Write ``last.ckpt`` there after every epoch, and continue from it after an interruption
             (:func:`imagene.train.checkpoint_settings`).
@@ -266,18 +267,16 @@ class AlignST(AlignmentMixin, BaseModelClass):
                 "validation_sections needs sections: call setup_anndata with `library_key=` (two or more sections)."
             )
         batches, val_batches = training_sections(self, seen, held)
-        if ddp_world_size(trainer_kwargs.get("strategy"), devices, trainer_kwargs.get("num_nodes", 1)) > 1:
-            raise NotImplementedError(
-                "AlignST does not train under DDP yet (one whole section per step; the multi-process run stalls). "
-                "Train it on one device: `devices=1` without `strategy=`."
+        world = ddp_world_size(trainer_kwargs.get("strategy"), devices, trainer_kwargs.get("num_nodes", 1))
+        if world > len(batches):
+            raise ValueError(
+                f"AlignST trains one whole section per step: {len(batches)} training section(s) cannot be shared "
+                f"by {world} DDP processes. Use at most {len(batches)} devices, or hold out fewer validation sections."
             )
         torch.manual_seed(seed)
-        # served by task.train_dataloader (sharded by rank under DDP); numpy, as ddp_spawn cannot share
-        # every tensor with its processes
-        task = SectionTask(
-            self.module, [{k: v.numpy() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches],
-            lr=lr, weight_decay=weight_decay, n_genes_per_step=n_genes_per_step, seed=seed,
-        )
+        # served by task.train_dataloader (sharded by rank under DDP); every rank validates on every section
+        task = SectionTask(self.module, batches, lr=lr, weight_decay=weight_decay, n_genes_per_step=n_genes_per_step,
+                           seed=seed)
         val_loader = None
         if val_batches:
             val_loader = torch.utils.data.DataLoader(val_batches, batch_size=None, shuffle=False, num_workers=0)
@@ -286,7 +285,9 @@ class AlignST(AlignmentMixin, BaseModelClass):
             task, None, val_loader, max_epochs=max_epochs, monitor="pcc_validation", mode="max",
             early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             restore_best_weights=restore_best_weights, accelerator=accelerator, devices=devices,
-            checkpoint_dir=checkpoint_dir, resume=resume, what="AlignST training", **trainer_kwargs,
+            checkpoint_dir=checkpoint_dir, resume=resume, what="AlignST training",
+            find_unused_parameters=not self.use_nuclei,  # DDP: the nuclei fusion is idle without nuclei maps
+            **trainer_kwargs,
         )
         self.seen_genes_ = list(seen)
         emb_key = self._setup_args.get("gene_embedding_key")

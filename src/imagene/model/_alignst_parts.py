@@ -43,6 +43,19 @@ class SectionTask(TaskPlan):
         self.sections, self.n_genes_per_step = sections, n_genes_per_step
         self.gen = torch.Generator().manual_seed(seed)
 
+    def __getstate__(self) -> dict:
+        # the generator travels as numpy: pickled as is, its state is a temporary tensor that ddp_spawn
+        # would share by file descriptor and free before the worker reads it ("unable to resize file")
+        state = super().__getstate__()
+        state["gen"] = self.gen.get_state().numpy().copy()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        gen = torch.Generator()
+        gen.set_state(torch.from_numpy(state.pop("gen")))
+        super().__setstate__(state)
+        self.gen = gen
+
     def train_dataloader(self):
         shard = [_as_tensors(self.sections[i]) for i in rank_shard(len(self.sections), self.trainer, seed=0)]
         return torch.utils.data.DataLoader(shard, batch_size=None, shuffle=True, num_workers=0)
@@ -239,14 +252,18 @@ def check_inputs(adata: AnnData, image_key: str, spatial_key: str, nuclei_key: s
 
 
 def training_sections(model: Any, seen: Sequence[str], held: set[str]) -> tuple[list[dict], list[dict]]:
-    """The training AnnData's sections as step inputs (features, graph, nuclei, gene tokens, targets): (train, validation)."""
+    """The training AnnData's sections as step inputs (features, graph, nuclei, gene tokens, targets): (train, validation).
+
+    Numpy arrays (loaders turn them into tensors): ``ddp_spawn`` cannot share every tensor with its processes.
+    """
     tokens, mask = gene_tokens(model, seen)
     y_all = log_normalize(counts(model, model.adata)[:, model.adata.var_names.get_indexer(seen)])
     batches, val_batches = [], []
     nuc = nuclei_of(model, model.adata)
     for name, idx in sections(model, model.adata).items():
         b = section_inputs(model, model.adata, idx, nuc)
-        b.update(tokens=torch.as_tensor(tokens), mask=torch.as_tensor(mask), y=torch.as_tensor(y_all[idx]))
+        b = {k: v.numpy() for k, v in b.items()}
+        b.update(tokens=tokens, mask=mask, y=np.asarray(y_all[idx]))
         (val_batches if name in held else batches).append(b)
     return batches, val_batches
 

@@ -209,7 +209,10 @@ class AlignmentMixin(ReferenceBankMixin):
     def _record_monitor(self, trainer_kwargs: dict, monitor: tuple[str, str], early_stopping: bool) -> None:
         """Keep what the fit watched and the epoch it restored (``train_monitor_``, saved with the model)."""
         from imagene.train import monitor_summary
+        from imagene.train._callbacks import recover_best_epoch
 
+        # ddp_spawn: the workers restored the best weights; their epoch comes back in callback_metrics
+        recover_best_epoch(getattr(self, "trainer", None), trainer_kwargs.get("callbacks"), self.module)
         self.train_monitor_ = monitor_summary(
             trainer_kwargs.get("callbacks"), monitor=monitor[0], mode=monitor[1], early_stopping=early_stopping
         )

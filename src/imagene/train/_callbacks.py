@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 logger = logging.getLogger("imagene")
+
+#: prefix of the ``trainer.callback_metrics`` entry that carries the best epoch back from ``ddp_spawn`` workers
+BEST_PREFIX = "imagene_best/"
 
 
 class RestoreBestWeights(Callback):
@@ -55,7 +59,33 @@ class RestoreBestWeights(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._state is not None:
             pl_module.module.load_state_dict(self._state)
-            logger.info("Restored the weights of epoch %d (%s = %.4f)", self.best_epoch + 1, self.monitor, self.best)
+            if trainer.is_global_zero:
+                logger.info("Restored the weights of epoch %d (%s = %.4f)", self.best_epoch + 1, self.monitor,
+                            self.best)
+            if int(getattr(trainer, "world_size", 1) or 1) > 1:  # for the main process of ddp_spawn
+                trainer.callback_metrics[BEST_PREFIX + self.monitor] = torch.tensor(
+                    [self.best, self.best_epoch], dtype=torch.float64
+                )
+
+
+def recover_best_epoch(trainer, callbacks, module: torch.nn.Module) -> None:
+    """After a ``ddp_spawn`` fit: tell each :class:`RestoreBestWeights` which epoch its worker restored.
+
+    The workers send back only the (restored) weights and ``trainer.callback_metrics``;
+    :meth:`RestoreBestWeights.on_train_end` put the best value and epoch there. The callback then
+    holds the returned weights, so that :func:`monitor_summary` reports the restored epoch.
+    """
+    if trainer is None:
+        return
+    metrics = trainer.callback_metrics
+    for cb in callbacks or ():
+        key = BEST_PREFIX + getattr(cb, "monitor", "")
+        if not isinstance(cb, RestoreBestWeights) or key not in metrics:
+            continue
+        best, epoch = metrics.pop(key).reshape(-1).tolist()
+        if cb._state is None:
+            cb.best, cb.best_epoch = float(best), int(epoch)
+            cb._state = {k: t.detach().cpu().clone() for k, t in module.state_dict().items()}
 
 
 def monitor_summary(callbacks, *, monitor: str, mode: str, early_stopping: bool) -> dict:

@@ -29,6 +29,10 @@ logger = logging.getLogger("imagene")
 #: learning-rate schedules understood by :class:`TaskPlan` and :class:`imagene.train.ContrastiveTrainingPlan`
 LR_SCHEDULES = (None, "warmup_cosine")
 
+#: prefix of the ``trainer.callback_metrics`` entries that carry a :class:`TaskPlan`'s per-epoch history
+#: from the rank-0 worker back to the main process under ``ddp_spawn`` (removed again by :func:`fit`)
+HISTORY_PREFIX = "imagene_history/"
+
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, *, warmup_fraction: float = 0.1, min_lr_ratio: float = 0.01
@@ -179,6 +183,11 @@ class TaskPlan(L.LightningModule):
     (``history`` in the scvi-tools format, :func:`history_frames`), and optimises
     ``module.parameters()`` with AdamW, optionally under :func:`warmup_cosine`.
 
+    Under DDP every epoch metric is one weighted mean over the batches of all ranks (logged with
+    ``sync_dist``; the history sums are all-reduced), and with ``ddp_spawn`` the history travels back
+    to the main process in ``trainer.callback_metrics`` (:func:`fit` restores it). A rank that
+    serves the whole validation set itself (an unsharded loader) gives the same mean.
+
     Parameters
     ----------
     module
@@ -229,17 +238,32 @@ class TaskPlan(L.LightningModule):
             value = float(value.detach()) if torch.is_tensor(value) else float(value)
             name = f"{mode}_loss" if key == "loss" else f"{key}_{mode}"
             self.log(name, value, on_step=False, on_epoch=True, batch_size=max(1, int(weight)),
-                     prog_bar=key == "loss" or mode == "validation")
+                     prog_bar=key == "loss" or mode == "validation", sync_dist=self._distributed)
             acc = self._sums[mode].setdefault(name, [0.0, 0.0])
             acc[0] += value * weight
             acc[1] += weight
+
+    @property
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and int(getattr(trainer, "world_size", 1) or 1) > 1
 
     def _close_epoch(self, mode: str) -> None:
         sums, self._sums[mode] = self._sums[mode], {}
         if self.trainer.sanity_checking:
             return
+        if self._distributed:  # one mean over the batches of every rank (every rank logs the same metrics)
+            names = sorted(sums)
+            flat = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.device).reshape(-1, 2)
+            flat = self.trainer.strategy.reduce(flat, reduce_op="sum").cpu().tolist()
+            sums = dict(zip(names, flat, strict=True))
         for name, (total, weight) in sums.items():
             self.epoch_history.setdefault(name, []).append(total / weight if weight else float("nan"))
+
+    def on_train_end(self) -> None:
+        if self._distributed:  # ddp_spawn sends only the weights and callback_metrics back: the history rides along
+            for name, values in self.epoch_history.items():
+                self.trainer.callback_metrics[HISTORY_PREFIX + name] = torch.tensor(values, dtype=torch.float64)
 
     def training_step(self, batch, batch_idx):
         out = self.step(batch, batch_idx, "train")
@@ -326,6 +350,7 @@ def fit(
     resume: bool = False,
     what: str = "training",
     check_weights_changed: bool = True,
+    find_unused_parameters: bool = False,
     **trainer_kwargs: Any,
 ) -> L.Trainer:
     """Train ``task`` with Lightning: the one fit of every imagene task outside scvi-tools' runner.
@@ -353,6 +378,9 @@ def fit(
         Name of the run, for logs and errors.
     check_weights_changed
         Raise when no trainable weight moved (a silent no-op fit), except on resumed runs.
+    find_unused_parameters
+        Under a DDP ``strategy``, let DDP skip parameters that receive no gradient (a task whose
+        module has blocks it does not use); no effect without DDP.
     **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer` (over :func:`trainer_defaults`).
 
@@ -362,7 +390,7 @@ def fit(
     (:func:`imagene.train.monitor_summary`) and ``task.history`` holds the per-epoch metrics.
     """
     from imagene._validate import check_max_epochs
-    from imagene.train._callbacks import monitor_summary
+    from imagene.train._callbacks import monitor_summary, recover_best_epoch
     from imagene.train._checkpoint import check_optimised, checkpoint_settings, trainable_snapshot
 
     max_epochs = check_max_epochs(max_epochs)
@@ -375,6 +403,8 @@ def fit(
             min_delta=min_delta,
         )
     trainer_kwargs = trainer_defaults(trainer_kwargs)
+    if find_unused_parameters and "strategy" in trainer_kwargs:
+        trainer_kwargs["strategy"] = ddp_find_unused(trainer_kwargs["strategy"])
     trainer_kwargs, ckpt_path = checkpoint_settings(trainer_kwargs, checkpoint_dir, resume, what=what)
     if settings.seed is not None:
         L.seed_everything(settings.seed, verbose=False)
@@ -382,6 +412,11 @@ def fit(
     task.module.train()  # Lightning keeps the mode modules are in (inference leaves them in eval)
     before = trainable_snapshot(task.module)
     trainer.fit(task, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, ckpt_path=ckpt_path)
+    shipped = {k[len(HISTORY_PREFIX):]: trainer.callback_metrics.pop(k) for k in list(trainer.callback_metrics)
+               if k.startswith(HISTORY_PREFIX)}
+    if shipped and not task.epoch_history:  # ddp_spawn: the epochs ran in the worker processes
+        task.epoch_history = {k: [float(x) for x in v.reshape(-1).tolist()] for k, v in shipped.items()}
+    recover_best_epoch(trainer, trainer_kwargs.get("callbacks"), task.module)
     task.module.eval()
     task.module.cpu()
     if check_weights_changed and ckpt_path is None:
@@ -391,3 +426,20 @@ def fit(
         if validated else None
     )
     return trainer
+
+
+def ddp_find_unused(strategy: Any) -> Any:
+    """``strategy`` with DDP's ``find_unused_parameters`` on (a name such as ``'ddp_spawn'``, or a DDPStrategy).
+
+    Anything that is not DDP is returned as it is.
+    """
+    if isinstance(strategy, str):
+        name = strategy.lower()
+        if name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+            return f"{name}_find_unused_parameters_true"
+        return strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy):
+        strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+    return strategy
