@@ -414,6 +414,9 @@ class ExpressionPCA(Method):
         Rounds of averaging the embedding over each spot and its 6 nearest spots of the same
         section (:func:`smooth_over_neighbors`): ``0`` is scanpy's recipe; ``1`` and ``2`` are the
         spatially smoothed baselines ``expression_pca_smooth1`` / ``_smooth2``.
+    scale
+        Scale each HVG to unit variance (``sc.pp.scale``, clipped at 10) before the PCA, as in
+        scanpy's clustering tutorial; named ``expression_pca_scaled`` (``..._scaled_smooth2``, ...).
 
     Examples
     --------
@@ -424,12 +427,13 @@ class ExpressionPCA(Method):
     tasks = ("clustering",)
     clustering_modalities = ("gene",)
 
-    def __init__(self, n_top_genes: int = 2000, n_comps: int = 50, smooth: int = 0) -> None:
+    def __init__(self, n_top_genes: int = 2000, n_comps: int = 50, smooth: int = 0, scale: bool = False) -> None:
         self.n_top_genes = int(n_top_genes)
         self.n_comps = int(n_comps)
         self.smooth = check_smooth(smooth)
-        if self.smooth:
-            self.name = f"expression_pca_smooth{self.smooth}"
+        self.scale = bool(scale)
+        if self.smooth or self.scale:
+            self.name = "expression_pca" + ("_scaled" if self.scale else "") + (f"_smooth{self.smooth}" if self.smooth else "")
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Select HVGs and fit the PCA on the given spots.
@@ -443,6 +447,11 @@ class ExpressionPCA(Method):
         a.var_names = ctx.genes
         sc.pp.highly_variable_genes(a, n_top_genes=min(self.n_top_genes, a.n_vars), flavor="seurat")
         a = a[:, a.var["highly_variable"].to_numpy()].copy()
+        self.center_ = np.asarray(a.X).mean(0)
+        sd = np.asarray(a.X).std(0, ddof=1) if self.scale else np.ones(a.n_vars)
+        self.sd_ = np.where(sd > 0, sd, 1.0)
+        if self.scale:
+            a.X = np.clip((np.asarray(a.X) - self.center_) / self.sd_, None, 10)
         n_comps = int(min(self.n_comps, a.n_obs - 1, a.n_vars - 1))
         sc.pp.pca(a, n_comps=n_comps, random_state=ctx.seed)
         self.genes_ = a.var_names
@@ -458,6 +467,8 @@ class ExpressionPCA(Method):
             raise ValueError(f"{self.name} embeds expression only (modality 'gene'); got {modality!r}.")
         x = log_normalize(adata[:, self.ctx_.genes].layers[self.ctx_.layer])
         x = x[:, self.ctx_.genes.get_indexer(self.genes_)]
+        if self.scale:
+            x = np.clip((x - self.center_) / self.sd_, None, 10)
         return smooth_over_neighbors(adata, (x - self.mean_) @ self.components_, self.smooth,
                                      library_key=self.ctx_.library_key)
 
