@@ -40,8 +40,9 @@ def default_methods(task: str = "expression") -> list[Method]:
     Returns
     -------
     New method templates: for ``'expression'`` UMPIRE, BLEEP-style, the ridge probe, the
-    context ridge (run only when the context features are in ``obsm``; see
-    :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the
+    context ridge and UMPIRE on the context matrix (run only when the context features are in
+    ``obsm``; see :class:`imagene.bench.ContextRidge` and :func:`imagene.bench.umpire_context`),
+    the ST-Net-style head, the random-reference and the
     mean-expression floors; for ``'retrieval'`` the same without the mean (it has no image
     embedding); for ``'clustering'`` UMPIRE (joint and image latents), scanpy PCA on expression
     and the image features alone.
@@ -60,13 +61,13 @@ def default_methods(task: str = "expression") -> list[Method]:
         RidgeProbe,
         STNetHead,
     )
-    from imagene.bench._methods import ImageneModel, bleep_style
+    from imagene.bench._methods import ImageneModel, bleep_style, umpire_context
 
     _check_task(task)
     if task == "clustering":
         return [ImageneModel(), ExpressionPCA(), ImageFeatures()]
     methods: list[Method] = [
-        ImageneModel(), bleep_style(), RidgeProbe(), ContextRidge(), STNetHead(), RandomReference()
+        ImageneModel(), bleep_style(), RidgeProbe(), ContextRidge(), umpire_context(), STNetHead(), RandomReference()
     ]
     if task == "expression":
         methods.append(MeanExpression())
@@ -244,6 +245,9 @@ def _subset(
     if KEYS.SPATIAL in adata.obsm:
         obsm[KEYS.SPATIAL] = np.asarray(adata.obsm[KEYS.SPATIAL])[idx]
     out = AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes.copy()), obsm=obsm, layers=layers)
+    for k in obsm:  # the context functions' provenance (block widths, sources): no fit, nothing per spot
+        if _is_context(adata, k):
+            out.uns[k] = dict(adata.uns[k])
     spatial = adata.uns.get("spatial", {})
     if section_key in obs:
         present = set(obs[section_key].astype(str))
