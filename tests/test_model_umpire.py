@@ -319,6 +319,8 @@ def test_context_attention_errors(neighbour_data):
     with pytest.raises(ValueError, match=r"sum to 30, but the image input has 32"):
         ig.model.UMPIRE(train, image_context="attention", context_widths=[16, 14])
     ig.model.UMPIRE(train, image_context="attention", context_widths=[8, 8, 16])  # explicit widths win
+    deeper = ig.model.UMPIRE(train, image_context="attention", image_context_kwargs={"n_layers": 2, "n_heads": 2})
+    assert len(deeper.module.image_tower.head.encoder.layers) == 2
     del train.uns["X_he_syn_context"]
     with pytest.raises(ValueError, match=r"uns\['X_he_syn_context'\]\['widths'\] is missing.*imagene.pp.context_matrix"):
         ig.model.UMPIRE(train, image_context="attention")

@@ -94,7 +94,9 @@ class UMPIRE(SpotAlignmentModel):
         neighbours' mean, side by side) and the image tower is a :class:`imagene.nn.ContextTower`
         (one token per block, fused by attention, starting near the spot token). Its block widths
         are read from ``adata.uns[image_key]['widths']`` (an error says so when they are missing)
-        and stored with the model; a query needs the same context matrix under the same key.
+        and stored with the model; a query needs the same context matrix under the same key. The
+        tower's tokens are ``n_hidden`` wide with the model's ``dropout``; other settings go through
+        ``image_context_kwargs={"n_layers": 2, ...}`` (passed to :class:`imagene.nn.ContextTower`).
     context_widths
         Block widths of the context matrix, instead of ``adata.uns[image_key]['widths']``
         (``image_context='attention'`` only).
