@@ -62,7 +62,8 @@ def main() -> None:
     quiet()
     t0 = time.perf_counter()
     adata = read(args.cache, None if args.tta == "none" else args.tta)
-    print(f"read + context: {time.perf_counter() - t0:.0f} s; {CONTEXT} widths {adata.uns[CONTEXT]['widths']}", flush=True)
+    widths = adata.uns[CONTEXT]["widths"]
+    print(f"read + context: {time.perf_counter() - t0:.0f} s; {CONTEXT} widths {widths}", flush=True)
     methods = [ig.bench.RidgeProbe(), ig.bench.ContextRidge(), ig.bench.ImageneModel(), ig.bench.umpire_context()]
     t1 = time.perf_counter()
     dfs = ig.bench.run(adata, library_key="section", task=["expression", "retrieval"], methods=methods,

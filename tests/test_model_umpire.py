@@ -322,7 +322,8 @@ def test_context_attention_errors(neighbour_data):
     deeper = ig.model.UMPIRE(train, image_context="attention", image_context_kwargs={"n_layers": 2, "n_heads": 2})
     assert len(deeper.module.image_tower.head.encoder.layers) == 2
     del train.uns["X_he_syn_context"]
-    with pytest.raises(ValueError, match=r"uns\['X_he_syn_context'\]\['widths'\] is missing.*imagene.pp.context_matrix"):
+    missing = r"uns\['X_he_syn_context'\]\['widths'\] is missing.*imagene.pp.context_matrix"
+    with pytest.raises(ValueError, match=missing):
         ig.model.UMPIRE(train, image_context="attention")
     # without image_context the context matrix is read as plain features (LayerNorm + MLP), as before
     plain = ig.model.UMPIRE(train)

@@ -119,7 +119,7 @@ class UMPIRE(SpotAlignmentModel):
     >>> imagene.pp.context_features(adata, tile_sizes_um=[112, 224, 448])  # obsm 'X_he_efficientnet_lite0_<size>um'
     >>> imagene.pp.niches(adata, library_key="section")
     >>> keys = ["X_he_efficientnet_lite0_112um", "X_he_efficientnet_lite0_224um", "X_he_efficientnet_lite0_448um"]
-    >>> imagene.pp.context_matrix(adata, keys)  # + neighbour mean of the first: obsm/uns 'X_he_efficientnet_lite0_context'
+    >>> imagene.pp.context_matrix(adata, keys)  # + neighbours' mean of the first: 'X_he_efficientnet_lite0_context'
     >>> imagene.model.UMPIRE.setup_anndata(adata, image_key="X_he_efficientnet_lite0_context", library_key="section")
     >>> model = imagene.model.UMPIRE(adata, image_context="attention")
     """
@@ -236,10 +236,14 @@ class UMPIRE(SpotAlignmentModel):
         key = self.image_key
         if image_context is None:
             if widths is not None:
-                raise ValueError("context_widths are the blocks of image_context='attention'; pass that too, or drop them.")
+                raise ValueError(
+                    "context_widths are the blocks of image_context='attention'; pass that too, or drop them."
+                )
             return None
         if len(image_shape) != 2:
-            raise ValueError(f"image_context='attention' reads a context matrix of features; adata.obsm[{key!r}] holds tiles.")
+            raise ValueError(
+                f"image_context='attention' reads a context matrix of features; adata.obsm[{key!r}] holds tiles."
+            )
         if widths is None:
             info = self.adata.uns.get(key)
             widths = info.get("widths") if isinstance(info, dict) else None
@@ -256,9 +260,11 @@ class UMPIRE(SpotAlignmentModel):
         widths = getattr(self.module.image_tower, "context_widths", None)
         if widths is not None and self.image_key not in adata.obsm:
             raise KeyError(
-                f"adata.obsm[{self.image_key!r}] not found. This UMPIRE reads a context matrix (image_context='attention', "
-                f"blocks {widths}): build it for this AnnData as for training (`imagene.pp.context_features`, "
-                f"`imagene.pp.niches`, then `imagene.pp.context_matrix(..., key_added={self.image_key!r})`, or `imagene.bench.read_sections(..., context=True)`)."
+                f"adata.obsm[{self.image_key!r}] not found. This UMPIRE reads a context matrix "
+                f"(image_context='attention', blocks {widths}): build it for this AnnData as for training "
+                f"(`imagene.pp.context_features`, `imagene.pp.niches`, then "
+                f"`imagene.pp.context_matrix(..., key_added={self.image_key!r})`, or "
+                "`imagene.bench.read_sections(..., context=True)`)."
             )
         return super()._image_input(adata, idx)
 
