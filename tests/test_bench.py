@@ -352,7 +352,8 @@ def test_several_tasks_share_one_fit_per_method_and_fold(synthetic):
 
 def test_default_methods_cover_umpire_and_every_baseline():
     assert [m.name for m in bench.default_methods("expression")] == [
-        "umpire", "bleep_style", "ridge_probe", "context_ridge", "stnet_style", "random_reference", "mean_expression"
+        "umpire", "bleep_style", "ridge_probe", "context_ridge", "umpire_context", "stnet_style", "random_reference",
+        "mean_expression",
     ]
     assert "mean_expression" not in [m.name for m in bench.default_methods("retrieval")]
     assert [m.name for m in bench.default_methods("clustering")] == [
@@ -519,11 +520,35 @@ def test_default_methods_skip_context_ridge_without_context(synthetic_ctx, monke
     del a.obsm["X_he_tiny_context"]
     # the default list, cut to two cheap methods, run through `methods=None`
     full = _runner.default_methods
-    cheap = ("context_ridge", "mean_expression")
+    cheap = ("context_ridge", "umpire_context", "mean_expression")
     monkeypatch.setattr(_runner, "default_methods", lambda task: [m for m in full(task) if m.name in cheap])
-    with pytest.warns(UserWarning, match=r"Skipping 'context_ridge'.*context_matrix"):
+    with pytest.warns(UserWarning, match=r"Skipping 'context_ridge'.*context_matrix") as record:
         df = bench.run(a, image_key="X_he_tiny", methods=None, n_genes=10)
+    assert any("Skipping 'umpire_context'" in str(w.message) for w in record)
     assert set(df["method"]) == {"mean_expression"}
+
+
+def test_umpire_context_is_umpire_with_a_context_tower_on_the_context_matrix(synthetic_ctx):
+    method = bench.umpire_context(model_kwargs={"n_hidden": 32, "n_latent": 8})
+    assert method.name == "umpire_context" and method.input_keys("X_he_tiny") == ("X_he_tiny_context",)
+    assert method.model_kwargs == {"image_context": "attention", "n_hidden": 32, "n_latent": 8}
+    assert bench.ImageneModel().input_keys("X_he_tiny") == ()
+
+    class Probe(type(method)):
+        widths: list = []
+
+        def fit(self, train, *, ctx):
+            assert train.uns["X_he_tiny_context"]["widths"] == [32, 32]  # the fold carries the block widths
+            super().fit(train, ctx=ctx)
+            Probe.widths.append(self.model_.module.image_tower.context_widths)
+
+    probe = Probe(name="umpire_context", image_input="{image_key}_context", tasks=("expression", "retrieval"),
+                  model_kwargs=method.model_kwargs, train_kwargs={"accelerator": "cpu"}, clustering_modalities=())
+    res = bench.run(synthetic_ctx, image_key="X_he_tiny", task=["expression", "retrieval"], methods=[probe],
+                    n_genes=10, max_epochs=2)
+    assert Probe.widths == [[32, 32]] * 3
+    assert np.isfinite(res["expression"].query("metric == 'pcc_hvg10'")["value"]).all()
+    assert res["retrieval"]["metric"].str.startswith("recall").any()
 
 
 class Recorder(Method):

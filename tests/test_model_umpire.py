@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import imagene as ig
 from imagene._utils import log_normalize
@@ -221,3 +222,118 @@ def test_batch_key_is_the_old_name_of_library_key(synthetic):
     with pytest.raises(TypeError, match="pass only `library_key=`"):
         ig.model.UMPIRE.setup_anndata(new, layer="counts", image_key="X_he_tiny", library_key="section",
                                       batch_key="other")
+
+
+# ------------------------------------------------------------------------------------------
+# spatial context: image_context='attention' on a context matrix (imagene.pp.context_matrix)
+# ------------------------------------------------------------------------------------------
+def _neighbour_synthetic(seed=0, side=18, n_sections=3, n_genes=40, d_img=16, noise=3.0):
+    """Expression follows a smooth spatial field; each spot's image feature sees it through heavy noise.
+
+    The mean feature of a spot's neighbours (the second block of the context matrix) averages the
+    noise away, so the signal a model can use lives mostly in the neighbour block.
+    """
+    rng = np.random.default_rng(seed)
+    w, proj = rng.normal(size=(4, n_genes)) * 0.8, rng.normal(size=(4, d_img))
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(float)
+    counts, feats, xy, sections = [], [], [], []
+    for s in range(n_sections):
+        phase, freq = rng.uniform(0, 2 * np.pi, size=(4, 2)), rng.uniform(0.25, 0.5, size=(4, 2))
+        z = np.stack([np.sin(freq[k, 0] * grid[:, 0] + phase[k, 0]) + np.cos(freq[k, 1] * grid[:, 1] + phase[k, 1])
+                      for k in range(4)], axis=1)
+        counts.append(rng.poisson(np.exp(1.0 + z @ w)))
+        feats.append(z @ proj + noise * rng.normal(size=(len(grid), d_img)))
+        xy.append(grid * 100.0)
+        sections += [f"S{s}"] * len(grid)
+    x = sp.csr_matrix(np.vstack(counts).astype(np.float32))
+    a = ad.AnnData(x, obs={"section": np.array(sections)})
+    a.obs["section"] = a.obs["section"].astype("category")
+    a.obs_names = [f"spot{i}" for i in range(a.n_obs)]
+    a.var_names = [f"g{i}" for i in range(n_genes)]
+    a.layers["counts"] = x.copy()
+    a.obsm["spatial"] = np.vstack(xy)
+    a.obsm["X_he_syn"] = np.vstack(feats).astype(np.float32)
+    ig.pp.niches(a, library_key="section", niche_expression=False)
+    ig.pp.context_matrix(a, ["X_he_syn"])  # the spot, then the mean of its 6 nearest spots
+    return a
+
+
+@pytest.fixture(scope="module")
+def neighbour_data():
+    a = _neighbour_synthetic()
+    return a[a.obs["section"] != "S2"].copy(), a[a.obs["section"] == "S2"].copy()
+
+
+def _fit_context(train, image_key, **kwargs):
+    ig.settings.seed = 0
+    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key=image_key, library_key="section")
+    m = ig.model.UMPIRE(train, n_hidden=64, n_latent=16, dropout=0.1, **kwargs)
+    m.train(max_epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4, **FAST)
+    return m
+
+
+def _held_out_pcc(m, test):
+    pred = m.predict_expression(test, k=20, return_numpy=True)
+    y = log_normalize(test.layers["counts"])
+    return np.nanmean([np.corrcoef(pred[:, j], y[:, j])[0, 1] for j in range(y.shape[1])])
+
+
+@pytest.fixture(scope="module")
+def context_model(neighbour_data):
+    train, test = neighbour_data
+    train = train.copy()
+    return _fit_context(train, "X_he_syn_context", image_context="attention"), train, test
+
+
+def test_context_attention_builds_a_context_tower_and_round_trips(context_model, tmp_path):
+    m, train, test = context_model
+    tower = m.module.image_tower
+    assert isinstance(tower.head, ig.nn.ContextTower) and tower.context_widths == [16, 16]
+    assert m.init_params_["non_kwargs"]["context_widths"] == [16, 16]
+    assert "image_context='attention' (blocks [16, 16])" in m._model_summary_string
+    expected = m.predict_expression(test, return_numpy=True)
+    assert expected.shape == (test.n_obs, train.n_vars) and np.isfinite(expected).all()
+    m.save(tmp_path / "ctx", overwrite=True)
+    for loaded in (ig.model.UMPIRE.load(tmp_path / "ctx", adata=train), ig.model.UMPIRE.load(tmp_path / "ctx")):
+        assert loaded.module.image_tower.context_widths == [16, 16]
+        np.testing.assert_array_equal(loaded.predict_expression(test, return_numpy=True), expected)
+    # the widths travel with the model: a registered AnnData without uns[key] loads too
+    bare = train.copy()
+    del bare.uns["X_he_syn_context"]
+    loaded = ig.model.UMPIRE.load(tmp_path / "ctx", adata=bare)
+    np.testing.assert_array_equal(loaded.predict_expression(test, return_numpy=True), expected)
+    # a query without the context matrix is told how to build it
+    query = test.copy()
+    del query.obsm["X_he_syn_context"]
+    with pytest.raises(KeyError, match=r"X_he_syn_context.*context matrix.*imagene\.pp\.context_matrix"):
+        m.predict_expression(query)
+
+
+def test_context_attention_errors(neighbour_data):
+    train = neighbour_data[0].copy()
+    ig.model.UMPIRE.setup_anndata(train, layer="counts", image_key="X_he_syn_context", library_key="section")
+    with pytest.raises(ValueError, match="image_context must be one of"):
+        ig.model.UMPIRE(train, image_context="concat")
+    with pytest.raises(ValueError, match="context_widths are the blocks of image_context='attention'"):
+        ig.model.UMPIRE(train, context_widths=[16, 16])
+    with pytest.raises(ValueError, match=r"sum to 30, but the image input has 32"):
+        ig.model.UMPIRE(train, image_context="attention", context_widths=[16, 14])
+    ig.model.UMPIRE(train, image_context="attention", context_widths=[8, 8, 16])  # explicit widths win
+    deeper = ig.model.UMPIRE(train, image_context="attention", image_context_kwargs={"n_layers": 2, "n_heads": 2})
+    assert len(deeper.module.image_tower.head.encoder.layers) == 2
+    del train.uns["X_he_syn_context"]
+    missing = r"uns\['X_he_syn_context'\]\['widths'\] is missing.*imagene.pp.context_matrix"
+    with pytest.raises(ValueError, match=missing):
+        ig.model.UMPIRE(train, image_context="attention")
+    # without image_context the context matrix is read as plain features (LayerNorm + MLP), as before
+    plain = ig.model.UMPIRE(train)
+    assert plain.module.image_tower.context_widths is None
+    assert isinstance(plain.module.image_tower.norm, torch.nn.LayerNorm)
+
+
+def test_context_attention_beats_the_spot_alone_when_the_signal_is_in_the_neighbours(context_model, neighbour_data):
+    """Held-out section correlation: the context model reads the neighbour block, the spot-only model cannot."""
+    m, _, test = context_model
+    plain = _fit_context(neighbour_data[0].copy(), "X_he_syn")
+    r_ctx, r_plain = _held_out_pcc(m, test), _held_out_pcc(plain, test)
+    assert r_ctx > r_plain + 0.05, (r_ctx, r_plain)

@@ -47,3 +47,25 @@ def test_learns_a_target_carried_by_the_neighbour_block():
     spot_resid = float(((spot_pred - y[te].numpy()) ** 2).sum() / ((y[te].numpy() - y[tr].numpy().mean(0)) ** 2).sum())
     assert spot_resid > 0.95  # the spot carries nothing about the target
     assert resid < 0.3, f"held-out residual fraction {resid:.2f}"
+
+
+def test_image_tower_with_context_widths_is_a_context_tower_that_reads_every_block():
+    from imagene.nn import ImageTower
+
+    torch.manual_seed(0)
+    plain = ImageTower(32, 8, n_hidden=16)
+    assert plain.context_widths is None and isinstance(plain.norm, torch.nn.LayerNorm)
+    tower = ImageTower(32, 8, n_hidden=16, dropout=0.0, context_widths=[16, 16], context_kwargs={"n_heads": 2})
+    assert isinstance(tower.head, ContextTower) and isinstance(tower.norm, torch.nn.Identity)
+    assert tower.head.widths == [16, 16] and tower.head.proj[0][1].out_features == 16  # d_model = n_hidden
+    tower.eval()
+    x = torch.randn(5, 32)
+    y = x.clone()
+    y[:, 16:] = torch.randn(5, 16)  # change the neighbour block only
+    with torch.no_grad():
+        assert tower(x).shape == (5, 8)
+        assert not torch.allclose(tower(x), tower(y))
+    with pytest.raises(ValueError, match=r"sum to 30, but the image input has 32.*context_matrix"):
+        ImageTower(32, 8, context_widths=[16, 14])
+    with pytest.raises(ValueError, match="cannot be combined with an image encoder"):
+        ImageTower(0, 8, encoder="tiny", context_widths=[16, 16])

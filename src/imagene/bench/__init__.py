@@ -18,7 +18,7 @@ from imagene.bench._baselines import (
 )
 from imagene.bench._command import main
 from imagene.bench._data import read_sections
-from imagene.bench._methods import FoldContext, ImageneModel, Method, bleep_style
+from imagene.bench._methods import FoldContext, ImageneModel, Method, bleep_style, umpire_context
 from imagene.bench._report import per_fold_table, plot_results, summarize, write_results
 from imagene.bench._report import summary_table  # noqa: F401  (deprecated alias of summarize)
 from imagene.bench._runner import default_methods, run
@@ -36,6 +36,7 @@ __all__ = [
     "RidgeProbe",
     "STNetHead",
     "bleep_style",
+    "umpire_context",
     "default_methods",
     "main",
     "per_fold_table",

@@ -127,8 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a fixed test set: fit once on the other --sections, score each of these (expression "
                         "and retrieval; default: leave each section out in turn)")
     parser.add_argument("--context", action="store_true",
-                        help="also build the context features of context_ridge (tiles of 1, 2 and 4 x --tile-um "
-                        "averaged over 4 flips, mean of the 6 nearest spots; cached like the tile features)")
+                        help="also build the context features of context_ridge and umpire_context (tiles of 1, 2 "
+                        "and 4 x --tile-um averaged over 4 flips, mean of the 6 nearest spots; cached like the tile "
+                        "features)")
     parser.add_argument("--encoder", default="efficientnet_lite0", help=LazyHelp(_encoder_help))
     parser.add_argument("--tile-px", type=int, default=224, help="tile size in pixels (default: 224)")
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in microns (default: 112)")

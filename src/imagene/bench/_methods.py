@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from imagene._utils import log_normalize
+from imagene.pp import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
 
@@ -259,6 +260,11 @@ class ImageneModel(Method):
     smooth
         Rounds of averaging the clustered latents over each spot and its 6 nearest spots of the
         same section (:func:`smooth_over_neighbors`), as the smoothed baselines of the clustering task.
+    image_input
+        ``obsm`` key the model reads instead of the run's image features (``'{image_key}'`` in it
+        is replaced by the run's key, e.g. ``'{image_key}_context'`` for the context matrix of
+        :func:`imagene.bench.read_sections` with ``context=True``); ``None``: the run's key. The
+        runner skips a default method whose input is missing.
 
     Examples
     --------
@@ -279,6 +285,7 @@ class ImageneModel(Method):
         clustering_modalities: Sequence[str] = ("joint", "image"),
         predictions: dict[str, dict[str, Any]] | None = None,
         smooth: int = 0,
+        image_input: str | None = None,
     ) -> None:
         if model_cls is None:
             from imagene.model import UMPIRE
@@ -294,7 +301,18 @@ class ImageneModel(Method):
         self.clustering_modalities = tuple(clustering_modalities)
         self.predictions = None if predictions is None else {str(k): dict(v) for k, v in predictions.items()}
         self.smooth = check_smooth(smooth)
+        self.image_input = image_input
         self.model_ = None
+
+    def input_keys(self, image_key: str) -> tuple[str, ...]:
+        """``()`` without ``image_input``, else ``(image_input with '{image_key}' replaced,)``.
+
+        Arguments as in :meth:`Method.input_keys`.
+        """
+        return () if self.image_input is None else (self.image_input.replace("{image_key}", image_key),)
+
+    def _image_key(self, ctx: FoldContext) -> str:
+        return (self.input_keys(ctx.image_key) or (ctx.image_key,))[0]
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Register, build and train the model on the training spots (see the class docstring).
@@ -304,7 +322,7 @@ class ImageneModel(Method):
         self.ctx_ = ctx
         n_sections = train.obs[ctx.library_key].nunique()
         library_key = ctx.library_key if n_sections > 1 else None
-        self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=ctx.image_key, library_key=library_key)
+        self.model_cls.setup_anndata(train, layer=ctx.layer, image_key=self._image_key(ctx), library_key=library_key)
         model = self.model_cls(train, **self.model_kwargs)
         kwargs = {"max_epochs": ctx.max_epochs, "enable_progress_bar": False, **self.train_kwargs}
         model.train(**kwargs)
@@ -343,6 +361,41 @@ class ImageneModel(Method):
 
     def __repr__(self) -> str:
         return f"ImageneModel({self.model_cls.__name__}, name={self.name!r})"
+
+
+def umpire_context(**kwargs: Any) -> ImageneModel:
+    """UMPIRE on the context matrix, its image tower a :class:`imagene.nn.ContextTower` (``image_context='attention'``).
+
+    The same model, training and prediction as the default ``umpire`` method, UMPIRE's defaults
+    otherwise; the image input is ``obsm['<image_key>_context']`` (the spot tile, larger tiles
+    around it and the neighbours' mean, :func:`imagene.pp.context_matrix`; built by
+    :func:`imagene.bench.read_sections` with ``context=True`` and ``imagene bench --context``).
+    It runs only when that matrix exists, like :class:`imagene.bench.ContextRidge`.
+
+    Parameters
+    ----------
+    **kwargs
+        Override :class:`ImageneModel` arguments; ``model_kwargs`` are merged into
+        ``{"image_context": "attention"}``.
+
+    Returns
+    -------
+    The method, named ``'umpire_context'``.
+
+    Examples
+    --------
+    >>> adata = imagene.bench.read_sections("../shared/data/her2st", ["B4", "C2", "C3", "C4"], context=True)
+    >>> imagene.bench.run(adata, methods=[imagene.bench.ImageneModel(), imagene.bench.umpire_context()])
+    """
+    config: dict[str, Any] = {
+        "name": "umpire_context",
+        "image_input": "{image_key}" + CONTEXT_SUFFIX,
+        "tasks": ("expression", "retrieval"),
+        "clustering_modalities": (),
+    }
+    config.update({k: v for k, v in kwargs.items() if k != "model_kwargs"})
+    config["model_kwargs"] = {"image_context": "attention", **(kwargs.get("model_kwargs") or {})}
+    return ImageneModel(**config)
 
 
 def bleep_style(**kwargs: Any) -> ImageneModel:

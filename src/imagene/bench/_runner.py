@@ -40,8 +40,9 @@ def default_methods(task: str = "expression") -> list[Method]:
     Returns
     -------
     New method templates: for ``'expression'`` UMPIRE, BLEEP-style, the ridge probe, the
-    context ridge (run only when the context features are in ``obsm``; see
-    :class:`imagene.bench.ContextRidge`), the ST-Net-style head, the random-reference and the
+    context ridge and UMPIRE on the context matrix (run only when the context features are in
+    ``obsm``; see :class:`imagene.bench.ContextRidge` and :func:`imagene.bench.umpire_context`),
+    the ST-Net-style head, the random-reference and the
     mean-expression floors; for ``'retrieval'`` the same without the mean (it has no image
     embedding); for ``'clustering'`` UMPIRE (joint and image latents), scanpy PCA on expression
     and the image features alone, each also averaged once and twice over every spot and its 6
@@ -53,7 +54,7 @@ def default_methods(task: str = "expression") -> list[Method]:
     ['umpire', 'expression_pca', 'expression_pca_smooth1', 'expression_pca_smooth2', 'image_features', ...]
     """
     from imagene.bench import _baselines as b
-    from imagene.bench._methods import ImageneModel, bleep_style
+    from imagene.bench._methods import ImageneModel, bleep_style, umpire_context
 
     _check_task(task)
     if task == "clustering":
@@ -62,7 +63,8 @@ def default_methods(task: str = "expression") -> list[Method]:
             b.ImageFeatures(), b.ImageFeatures(smooth=1), b.ImageFeatures(smooth=2),
         ]
     methods: list[Method] = [
-        ImageneModel(), bleep_style(), b.RidgeProbe(), b.ContextRidge(), b.STNetHead(), b.RandomReference()
+        ImageneModel(), bleep_style(), b.RidgeProbe(), b.ContextRidge(), umpire_context(), b.STNetHead(),
+        b.RandomReference(),
     ]
     if task == "expression":
         methods.append(b.MeanExpression())
@@ -240,6 +242,9 @@ def _subset(
     if KEYS.SPATIAL in adata.obsm:
         obsm[KEYS.SPATIAL] = np.asarray(adata.obsm[KEYS.SPATIAL])[idx]
     out = AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes.copy()), obsm=obsm, layers=layers)
+    for k in obsm:  # the context functions' provenance (block widths, sources): no fit, nothing per spot
+        if _is_context(adata, k):
+            out.uns[k] = dict(adata.uns[k])
     spatial = adata.uns.get("spatial", {})
     if library_key in obs:
         present = set(obs[library_key].astype(str))

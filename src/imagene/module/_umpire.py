@@ -54,6 +54,11 @@ class UMPIREModule(BaseModuleClass):
         the image embedding).
     rec_genes
         Column positions (in the gene input) of the genes reconstructed by ``objective='rec'``.
+    image_context_widths
+        Block widths of a context matrix image input (:func:`imagene.pp.context_matrix`): the image
+        tower is then a :class:`imagene.nn.ContextTower` (see :class:`imagene.nn.ImageTower`).
+    image_context_kwargs
+        Passed to :class:`imagene.nn.ContextTower`.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class UMPIREModule(BaseModuleClass):
         mode: str = "finetune",
         objective: str = "contrastive",
         rec_genes: Sequence[int] | None = None,
+        image_context_widths: Sequence[int] | None = None,
+        image_context_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -94,6 +101,8 @@ class UMPIREModule(BaseModuleClass):
             freeze_encoder=freeze_image_encoder,
             input_px=image_input_px,
             head="adapter" if mode == "adapter" else "mlp",
+            context_widths=image_context_widths,
+            context_kwargs=image_context_kwargs,
         )
         self.gene_tower = None
         self.rec_decoder = None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from imagene.nn._context import ContextTower
 from imagene.nn._mlp import MLP
 from imagene.nn._registry import get_image_encoder
 
@@ -44,6 +47,13 @@ class ImageTower(nn.Module):
     head
         ``'mlp'`` (:class:`imagene.nn.MLP`) or ``'adapter'`` (:func:`adapter`: Linear → ReLU → Linear,
         UMPIRE-ADAPTER's trainable layers on a frozen encoder).
+    context_widths
+        Block widths of a context matrix (``uns[key]['widths']`` of :func:`imagene.pp.context_matrix`):
+        the input is then that matrix and a :class:`imagene.nn.ContextTower` (one token per block,
+        fused by attention, ``d_model=n_hidden``, the tower's ``dropout``) replaces the LayerNorm and
+        ``head`` (each token has its own LayerNorm). ``None``: plain features.
+    context_kwargs
+        Passed to :class:`imagene.nn.ContextTower` (``d_model``, ``n_heads``, ``n_layers``, ``dropout``).
     """
 
     def __init__(
@@ -58,10 +68,17 @@ class ImageTower(nn.Module):
         freeze_encoder: bool = True,
         input_px: int | None = None,
         head: str = "mlp",
+        context_widths: Sequence[int] | None = None,
+        context_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if head not in ("mlp", "adapter"):
             raise ValueError(f"head must be 'mlp' or 'adapter'; got {head!r}.")
+        if context_widths is not None and encoder is not None:
+            raise ValueError(
+                "context_widths describe a context matrix of frozen features; they cannot be combined with an image "
+                f"encoder on tiles (encoder={encoder!r})."
+            )
         self.backbone = None
         self.input_px = input_px
         if encoder is not None:
@@ -70,10 +87,21 @@ class ImageTower(nn.Module):
             if freeze_encoder:
                 self.backbone.requires_grad_(False)
         self.freeze_encoder = freeze_encoder
-        self.norm = nn.LayerNorm(n_input)
-        if head == "adapter":
+        self.context_widths = None if context_widths is None else [int(w) for w in context_widths]
+        if self.context_widths is not None:
+            if sum(self.context_widths) != n_input:
+                raise ValueError(
+                    f"context_widths {self.context_widths} sum to {sum(self.context_widths)}, but the image input has "
+                    f"{n_input} columns; pass the uns[key]['widths'] written by imagene.pp.context_matrix for that key."
+                )
+            self.norm = nn.Identity()
+            kwargs = {"d_model": n_hidden, "dropout": dropout, **(context_kwargs or {})}
+            self.head = ContextTower(self.context_widths, n_output, **kwargs)
+        elif head == "adapter":
+            self.norm = nn.LayerNorm(n_input)
             self.head = adapter(n_input, n_output, n_hidden)
         else:
+            self.norm = nn.LayerNorm(n_input)
             self.head = MLP(n_input, n_output, n_hidden=n_hidden, n_layers=n_layers, dropout=dropout)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
