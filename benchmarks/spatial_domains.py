@@ -1,4 +1,11 @@
-"""Spatial domains of her2st A1: Novae (trained from scratch) beside expression PCA and its smoothed versions.
+"""Spatial domains of her2st A1: smoothed baselines, smoothed imagene embeddings and Novae, 3 seeds.
+
+Every method is fitted on A1's own spots without the labels and clustered by the harness
+(``imagene.bench.run(task="clustering")``: leiden and k-means with as many clusters as classes).
+Groups (``--groups``): ``baselines`` (expression PCA, unscaled and scaled, and the image features,
+each raw and averaged once / twice over every spot and its 6 nearest spots), ``models`` (UMPIRE's
+joint latent and STAlign's fused embedding, averaged once and twice the same way) and ``novae``.
+
 
 Novae (Blampey et al., *Nat Methods* 2025) is the spatial-domain model a squidpy user would pick
 today. Its pretrained weights come from a model hub, which this machine cannot reach, so it is
@@ -11,9 +18,10 @@ prototypes) is scored as a second row.
 ``novae`` is not a dependency of imagene; it installs into the same environment::
 
     pip install -c requirements/constraints.txt novae
-    OMP_NUM_THREADS=2 python benchmarks/novae_domains.py [--seeds 0 1 2] [--epochs 20]
+    OMP_NUM_THREADS=2 python benchmarks/spatial_domains.py --groups novae [--seeds 0 1 2] [--epochs 20]
+    OMP_NUM_THREADS=2 python benchmarks/spatial_domains.py --groups baselines models
 
-Writes ``benchmarks/results/novae_domains/`` (``results.md``, ``clustering.csv``, ...).
+Writes ``benchmarks/results/spatial_domains_<groups>/`` (``results.md``, ``clustering.csv``, ...).
 """
 
 from __future__ import annotations
@@ -77,17 +85,31 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=20, help="Novae's max_epochs (its default)")
+    p.add_argument("--model-epochs", type=int, default=100, help="UMPIRE / STAlign max_epochs (the harness default)")
     p.add_argument("--cache", default="/tmp/novae_cache")
+    p.add_argument("--groups", nargs="+", choices=["baselines", "models", "novae"], default=["novae"])
     args = p.parse_args(argv)
     a1 = bench.read_sections(DATA / "her2st", ["A1"], encoder="efficientnet_lite0", cache=args.cache)
-    methods = [
-        bench.ExpressionPCA(), bench.ExpressionPCA(smooth=1), bench.ExpressionPCA(smooth=2),
-        Novae(args.epochs), Novae(args.epochs, own_domains=True),
-    ]
+    methods = []
+    if "baselines" in args.groups:
+        for r in (0, 1, 2):
+            methods += [bench.ExpressionPCA(smooth=r), bench.ExpressionPCA(scale=True, smooth=r), bench.ImageFeatures(smooth=r)]
+    if "models" in args.groups:
+        import imagene as ig
+
+        for r in (1, 2):
+            methods += [
+                bench.ImageneModel(name=f"umpire_smooth{r}", clustering_modalities=("joint",), smooth=r),
+                # STAlign at the 20 epochs of benchmarks/stalign_ablation.py, whose unsmoothed rows are in docs
+                bench.ImageneModel(ig.model.STAlign, name=f"stalign_smooth{r}", clustering_modalities=("fused",),
+                                   smooth=r, train_kwargs={"max_epochs": 20}),
+            ]
+    if "novae" in args.groups:
+        methods += [bench.ExpressionPCA(), Novae(args.epochs), Novae(args.epochs, own_domains=True)]
     df = bench.run(a1, task="clustering", methods=methods, seeds=args.seeds, label_key="label",
-                   ignore_labels=("undetermined",), max_epochs=args.epochs)
-    cmd = "OMP_NUM_THREADS=2 python benchmarks/novae_domains.py " + " ".join(argv or sys.argv[1:])
-    out = RESULTS / "novae_domains"
+                   ignore_labels=("undetermined",), max_epochs=args.model_epochs)
+    cmd = "OMP_NUM_THREADS=2 python benchmarks/spatial_domains.py " + " ".join(argv or sys.argv[1:])
+    out = RESULTS / ("spatial_domains_" + "_".join(args.groups))
     bench.write_results({"clustering": df}, out, config={"command": cmd, "sections": ["A1"], "seeds": args.seeds})
     print(bench.summarize(df, "clustering").to_string())
     print(f"written to {out}")
