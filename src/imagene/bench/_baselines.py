@@ -476,14 +476,14 @@ class ExpressionPCA(Method):
 class ImageFeatures(Method):
     """Clustering reference from the image alone: frozen tile features → StandardScaler → PCA.
 
+    Used like :class:`ExpressionPCA` (``methods=[imagene.bench.ImageFeatures()]``).
+
     Parameters
     ----------
     n_comps
         Principal components.
     smooth
         Rounds of neighbour averaging, as for :class:`ExpressionPCA` (``image_features_smooth1`` / ``_smooth2``).
-
-    Used like :class:`ExpressionPCA` (``methods=[imagene.bench.ImageFeatures()]``).
     """
 
     name = "image_features"

@@ -97,9 +97,11 @@ class UMPIRE(SpotAlignmentModel):
         and stored with the model; a query needs the same context matrix under the same key. The
         tower's tokens are ``n_hidden`` wide with the model's ``dropout``; other settings go through
         ``image_context_kwargs={"n_layers": 2, ...}`` (passed to :class:`imagene.nn.ContextTower`).
-        Recommended whenever the context can be built: on her2st (leave one section out, UMPIRE's
-        defaults otherwise) it lifts PCC HVG50 from 0.191 to 0.217 and image→gene Recall@5 % from
-        0.135 to 0.173, in every fold (docs/benchmark.md, "UMPIRE with context").
+        Recommended when the context can be built: on her2st (leave one section out, UMPIRE's
+        defaults otherwise; ``imagene bench --context``) it lifts PCC HVG50 from 0.191 to 0.210
+        (HEG50 0.148 to 0.180) and image→gene Recall@5 % from 0.135 to 0.171, in three of four
+        folds (the cross-patient fold B4 loses); it still predicts expression below a ridge on the
+        same context matrix (docs/benchmark.md, "UMPIRE with context").
     context_widths
         Block widths of the context matrix, instead of ``adata.uns[image_key]['widths']``
         (``image_context='attention'`` only).
