@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass
 
 from imagene._constants import KEYS, REGISTRY_KEYS
@@ -30,6 +28,7 @@ from imagene.model._alignst_parts import (
     training_sections,
 )
 from imagene.model._base import AlignmentMixin, make_module, mc_dropout_sd
+from imagene.model._spot import register_fields
 from imagene.module import AlignSTModule
 from imagene.train import fit
 
@@ -190,14 +189,8 @@ class AlignST(AlignmentMixin, BaseModelClass):
             cls=cls, adata=adata, layer=layer, image_key=image_key, library_key=library_key, spatial_key=spatial_key,
             nuclei_key=nuclei_key, gene_text=gene_text, gene_embedding_key=gene_embedding_key, kwargs=kwargs,
         )
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key),
-        ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        register_fields(cls, adata, setup_method_args, layer=layer, image_key=image_key, library_key=library_key,
+                        **kwargs)
 
     # ------------------------------------------------------------------ train
     def train(

@@ -10,16 +10,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from anndata import AnnData
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass
 
-from imagene._constants import KEYS, REGISTRY_KEYS
+from imagene._constants import KEYS
 from imagene._settings import settings
 from imagene._utils import log_normalize
 from imagene._validate import check_int, check_max_epochs, renamed_kwarg
 from imagene.data import TileGraphData, tile_datamodule
 from imagene.model._base import AlignmentMixin
+from imagene.model._spot import register_fields
 from imagene.module._sigmma import SCALES, SIGMMAModule
 from imagene.pp import prepare_tile_graphs
 from imagene.train import ContrastiveTrainingPlan
@@ -189,13 +188,8 @@ class SIGMMA(AlignmentMixin, BaseModelClass):
             adata, tile_size_um=tile_size_um, library_key=library_key, n_neighs=n_neighs, encoder=encoder,
             input_px=crop_px,
         )
-        fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)]
-        if image_key is not None:
-            fields.append(ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key))
-        fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        register_fields(cls, adata, setup_method_args, layer=layer, image_key=image_key, library_key=library_key,
+                        **kwargs)
 
     # ---- data
     def _tile_data(self, adata: AnnData, *, need_gene: bool, need_image: bool) -> TileGraphData:

@@ -17,6 +17,19 @@ from imagene.model._base import AlignmentMixin
 from imagene.train import ContrastiveTrainingPlan
 
 
+def register_fields(cls, adata: AnnData, setup_method_args: dict, *, layer: str | None, image_key: str | None,
+                    library_key: str | None, extra: Sequence = (), after: Sequence = (), **kwargs: Any) -> None:
+    """Register what every alignment model reads on ``cls``: the counts ``layer``, ``obsm[image_key]``
+    (when given), ``extra`` fields, the section column ``library_key``, then ``after``."""
+    fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)]
+    if image_key is not None:
+        fields.append(ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key))
+    fields += [*extra, CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key), *after]
+    manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+    manager.register_fields(adata, **kwargs)
+    cls.register_manager(manager)
+
+
 class SpotAlignmentModel(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """An image tower and a gene tower aligned spot by spot: registration, training and inference, shared.
 
@@ -70,14 +83,8 @@ class SpotAlignmentModel(AlignmentMixin, UnsupervisedTrainingMixin, BaseModelCla
         batch_key = None
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._check_setup(adata, layer, image_key, library_key)
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key),
-        ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        register_fields(cls, adata, setup_method_args, layer=layer, image_key=image_key, library_key=library_key,
+                        **kwargs)
 
     def train(
         self,

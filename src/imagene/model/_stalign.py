@@ -12,14 +12,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from imagene._constants import KEYS, REGISTRY_KEYS
 from imagene._validate import check_int, renamed_kwarg
 from imagene.model._base import AlignmentMixin
 from imagene.model._probe import ExpressionProbeMixin
+from imagene.model._spot import register_fields
 from imagene.module._stalign import STAlignModule
 from imagene.pp import spot_niche_inputs
 from imagene.train import ContrastiveTrainingPlan
@@ -225,18 +225,11 @@ class STAlign(ExpressionProbeMixin, AlignmentMixin, UnsupervisedTrainingMixin, B
             has_spot_tiles=spot_tiles_key in adata.obsm,
         )
         args.pop("image", None)
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            ObsmField(REGISTRY_KEYS.IMAGE_KEY, image_key),
-            LayerField(REGISTRY_KEYS.NICHE_X_KEY, f"{niche_key}_mean", is_count_data=False),
-            ObsmField(REGISTRY_KEYS.NICHE_IMAGE_KEY, niche_image_key),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, library_key),
-        ]
-        if spot_tiles_key in adata.obsm:
-            fields.append(ObsmField(REGISTRY_KEYS.SPOT_TILES_KEY, spot_tiles_key))
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        niche = [LayerField(REGISTRY_KEYS.NICHE_X_KEY, f"{niche_key}_mean", is_count_data=False),
+                 ObsmField(REGISTRY_KEYS.NICHE_IMAGE_KEY, niche_image_key)]
+        tiles = [ObsmField(REGISTRY_KEYS.SPOT_TILES_KEY, spot_tiles_key)] if spot_tiles_key in adata.obsm else []
+        register_fields(cls, adata, setup_method_args, layer=layer, image_key=image_key, library_key=library_key,
+                        extra=niche, after=tiles, **kwargs)
 
     def _inputs(self, adata: AnnData, *, image: bool, gene: bool) -> dict[str, Any]:
         """Spot image, niche image, counts and niche counts of ``adata`` (built when missing, never written)."""
