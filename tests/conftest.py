@@ -92,3 +92,21 @@ def _check_path_adata(data_dir):
 def check_path_adata(_check_path_adata):
     """A fresh copy of the checks' path AnnData (B4, C2, C3, C4; see ``_build_check_path``)."""
     return _check_path_adata.copy()
+
+
+@pytest.fixture(scope="session")
+def tiny_he_st():
+    """Factory of synthetic H&E + ST sections with features of the ``tiny`` encoder in ``obsm['X_he_tiny']``.
+
+    ``make(tile_px=32, tile_size_um=24, **synthetic_he_st_kwargs)``; the tiles themselves are dropped.
+    """
+    import imagene as ig
+
+    def make(*, tile_px: int = 32, tile_size_um: float = 24, **kwargs):
+        a = ig.datasets.synthetic_he_st(**kwargs)
+        ig.pp.extract_tiles(a, tile_size_um=tile_size_um, tile_px=tile_px, show_progress_bar=False)
+        ig.pp.embed_tiles(a, encoder="tiny", show_progress_bar=False)
+        del a.obsm["imagene_tiles"]
+        return a
+
+    return make

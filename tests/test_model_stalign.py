@@ -212,7 +212,8 @@ def test_predictions_into_layers_reference_and_probe(trained):
     truth = log_normalize(test.layers["counts"])
     truth = truth.toarray() if sp.issparse(truth) else np.asarray(truth)
     markers = np.arange(30)  # the synthetic domain marker genes
-    for method in ("reference", "probe"):
+    m.fit_expression_head()  # the ridge head shared by every alignment model, on the two training sections
+    for method in ("reference", "probe", "head"):
         q = test.copy()
         ig.tl.predict_expression(m, q, method=method)
         pred = q.layers["imagene_predicted"]

@@ -10,21 +10,10 @@ from anndata import AnnData
 
 from imagene._utils import log_normalize
 from imagene.bench._methods import FoldContext, Method, check_smooth, smooth_over_neighbors, training_log1p
+from imagene.model._head import ridge_pipeline as _ridge_pipeline
 from imagene.pp import CONTEXT_SUFFIX
 
 logger = logging.getLogger("imagene")
-
-
-def _ridge_pipeline(n_obs: int, n_features: int, *, n_components: int = 256, seed: int = 0):
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    n_comp = int(min(n_components, n_obs - 1, n_features))
-    return make_pipeline(
-        StandardScaler(), PCA(n_components=n_comp, random_state=seed), RidgeCV(alphas=np.logspace(-1, 5, 13))
-    )
 
 
 def ridge_probe(

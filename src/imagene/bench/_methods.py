@@ -255,8 +255,9 @@ class ImageneModel(Method):
     predictions
         Several predictions of one trained model, scored as ``name[key]``: a mapping of result key
         to extra arguments of ``model.predict_expression`` (e.g. ``{"reference": {}, "probe":
-        {"method": "probe"}}`` for :class:`imagene.model.STAlign`). ``None``: one prediction,
-        scored as ``name``.
+        {"method": "probe"}}`` for :class:`imagene.model.STAlign`; with ``{"method": "head"}``
+        the ridge head of :meth:`imagene.model.AlignmentMixin.fit_expression_head` is fitted after
+        training). ``None``: one prediction, scored as ``name``.
     smooth
         Rounds of averaging the clustered latents over each spot and its 6 nearest spots of the
         same section (:func:`smooth_over_neighbors`), as the smoothed baselines of the clustering task.
@@ -265,6 +266,11 @@ class ImageneModel(Method):
         is replaced by the run's key, e.g. ``'{image_key}_context'`` for the context matrix of
         :func:`imagene.bench.read_sections` with ``context=True``); ``None``: the run's key. The
         runner skips a default method whose input is missing.
+        head_features
+            ``obsm`` key of the features of the ridge head (``features_key`` of
+            :meth:`imagene.model.AlignmentMixin.fit_expression_head`; ``'{image_key}'`` replaced as
+            in ``image_input``); ``None``: the model's image input. Used by a ``{"method": "head"}``
+            prediction.
 
     Examples
     --------
@@ -286,6 +292,7 @@ class ImageneModel(Method):
         predictions: dict[str, dict[str, Any]] | None = None,
         smooth: int = 0,
         image_input: str | None = None,
+        head_features: str | None = None,
     ) -> None:
         if model_cls is None:
             from imagene.model import UMPIRE
@@ -302,17 +309,19 @@ class ImageneModel(Method):
         self.predictions = None if predictions is None else {str(k): dict(v) for k, v in predictions.items()}
         self.smooth = check_smooth(smooth)
         self.image_input = image_input
+        self.head_features = head_features
         self.model_ = None
 
     def input_keys(self, image_key: str) -> tuple[str, ...]:
-        """``()`` without ``image_input``, else ``(image_input with '{image_key}' replaced,)``.
+        """The keys of ``image_input`` and ``head_features`` (``'{image_key}'`` replaced); ``()`` without either.
 
         Arguments as in :meth:`Method.input_keys`.
         """
-        return () if self.image_input is None else (self.image_input.replace("{image_key}", image_key),)
+        keys = [k.replace("{image_key}", image_key) for k in (self.image_input, self.head_features) if k]
+        return tuple(dict.fromkeys(keys))
 
     def _image_key(self, ctx: FoldContext) -> str:
-        return (self.input_keys(ctx.image_key) or (ctx.image_key,))[0]
+        return self.image_input.replace("{image_key}", ctx.image_key) if self.image_input else ctx.image_key
 
     def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
         """Register, build and train the model on the training spots (see the class docstring).
@@ -326,6 +335,9 @@ class ImageneModel(Method):
         model = self.model_cls(train, **self.model_kwargs)
         kwargs = {"max_epochs": ctx.max_epochs, "enable_progress_bar": False, **self.train_kwargs}
         model.train(**kwargs)
+        if any(extra.get("method") == "head" for extra in (self.predictions or {}).values()):
+            features = self.head_features.replace("{image_key}", ctx.image_key) if self.head_features else None
+            model.fit_expression_head(features_key=features)
         self.model_ = model
         self.genes_ = list(train.var_names)  # what the runner scores (AlignST's own genes are its seen genes)
 
@@ -366,10 +378,14 @@ class ImageneModel(Method):
 def umpire_context(**kwargs: Any) -> ImageneModel:
     """UMPIRE on the context matrix, its image tower a :class:`imagene.nn.ContextTower` (``image_context='attention'``).
 
-    The same model, training and prediction as the default ``umpire`` method, UMPIRE's defaults
-    otherwise; the image input is ``obsm['<image_key>_context']`` (the spot tile, larger tiles
-    around it and the neighbours' mean, :func:`imagene.pp.context_matrix`; built by
-    :func:`imagene.bench.read_sections` with ``context=True`` and ``imagene bench --context``).
+    The same model and training as the default ``umpire`` method, UMPIRE's defaults otherwise.
+    Two predictions are scored: ``umpire_context[reference]`` (query-reference retrieval, as
+    ``umpire``) and ``umpire_context[head]`` (the ridge head of
+    :meth:`imagene.model.AlignmentMixin.fit_expression_head` on the context matrix and the image
+    latent, its rank and centring chosen on held-out training sections). The image input is
+    ``obsm['<image_key>_context']`` (the spot tile, larger tiles around it and the neighbours'
+    mean, :func:`imagene.pp.context_matrix`; built by :func:`imagene.bench.read_sections` with
+    ``context=True`` and ``imagene bench --context``).
     It runs only when that matrix exists, like :class:`imagene.bench.ContextRidge`.
 
     Parameters
@@ -392,6 +408,7 @@ def umpire_context(**kwargs: Any) -> ImageneModel:
         "image_input": "{image_key}" + CONTEXT_SUFFIX,
         "tasks": ("expression", "retrieval"),
         "clustering_modalities": (),
+        "predictions": {"reference": {}, "head": {"method": "head"}},
     }
     config.update({k: v for k, v in kwargs.items() if k != "model_kwargs"})
     config["model_kwargs"] = {"image_context": "attention", **(kwargs.get("model_kwargs") or {})}
@@ -439,6 +456,7 @@ def bleep_style(**kwargs: Any) -> ImageneModel:
         "weighting": "uniform",
         "tasks": ("expression", "retrieval"),
         "clustering_modalities": (),
+        "predictions": {"reference": {}, "head": {"method": "head"}},
     }
     for key in ("model_kwargs", "train_kwargs"):  # overrides refine the configuration rather than replace it
         config[key] = {**config[key], **(kwargs.pop(key, None) or {})}

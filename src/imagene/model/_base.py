@@ -26,6 +26,7 @@ from imagene._validate import (
     ddp_world_size,
     feature_provenance,
 )
+from imagene.model._head import ExpressionHeadMixin
 from imagene.model._reference import ReferenceBankMixin
 from imagene.model._saving import load_model
 
@@ -34,7 +35,7 @@ logger = logging.getLogger("imagene")
 Modality = Literal["image", "gene", "joint"]
 
 
-class AlignmentMixin(ReferenceBankMixin):
+class AlignmentMixin(ExpressionHeadMixin, ReferenceBankMixin):
     """Inference shared by the alignment models (mixed into a scvi-tools ``BaseModelClass``).
 
     Query data only needs what a modality uses: ``obsm[image_key]`` for the image side, the

@@ -66,11 +66,8 @@ class ExpressionProbeMixin:
         return pred, sd
 
     def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
-        method = kwargs.pop("method", "reference")
-        if method == "reference":
+        if kwargs.get("method") != "probe":
             return super()._predict_full(adata, genes, **kwargs)
-        if method != "probe":
-            raise ValueError(f"method must be 'reference' or 'probe'; got {method!r}.")
         cols = self._gene_columns(genes)
         pred, sd = self._predict_probe(adata, None, cols, int(kwargs.get("batch_size", 512)), with_sd=True)
         return {"pred": pred, "sd": sd, "similarity": None}

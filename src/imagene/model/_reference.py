@@ -116,6 +116,8 @@ class ReferenceBankMixin:
 
     def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
         """Prediction, spread and best reference similarity of every spot of ``adata`` (see tl.predict_expression)."""
+        if kwargs.pop("method", "reference") != "reference":
+            raise ValueError("method must be 'reference' or 'head' (or 'probe' for STAlign).")
         cols = self._gene_columns(genes)
         kwargs.setdefault("k", 50)
         kwargs.setdefault("weighting", "similarity")
@@ -159,8 +161,9 @@ class ReferenceBankMixin:
         batch_size: int = 512,
         return_numpy: bool = False,
         return_sd: bool = False,
+        method: Literal["reference", "head"] = "reference",
     ) -> pd.DataFrame | np.ndarray | tuple:
-        """Predict expression from the image alone by query-reference retrieval.
+        """Predict expression from the image alone by query-reference retrieval (or the ridge head).
 
         Each query spot's image embedding is compared (cosine) with the gene embeddings of the
         reference bank (the training spots, stored with the model); the prediction is the
@@ -186,7 +189,12 @@ class ReferenceBankMixin:
         return_numpy
             Return arrays instead of DataFrames.
         return_sd
-            Also return the per-spot, per-gene spread.
+            Also return the per-spot, per-gene spread (``method='reference'`` only).
+        method
+            ``'reference'``: the retrieval above. ``'head'``: the ridge head of
+            :meth:`fit_expression_head` on the query's image input and latent (centred per section
+            of ``obs[library_key]`` when the head was fitted with centring; ``k`` and ``weighting``
+            unused).
 
         Returns
         -------
@@ -195,6 +203,13 @@ class ReferenceBankMixin:
         """
         adata = self._query(adata)
         cols = self._gene_columns(gene_list)
+        if method == "head":
+            if return_sd:
+                raise ValueError("return_sd is not available with method='head'; use method='reference'.")
+            pred = self._predict_head(adata, indices, cols, batch_size)
+            return self._format_prediction(adata, indices, cols, pred, None, return_numpy)
+        if method != "reference":
+            raise ValueError(f"method must be 'reference' or 'head'; got {method!r}.")
         pred, sd, _ = self._predict_reference(
             adata, indices, k=k, weighting=weighting, cols=cols, batch_size=batch_size
         )

@@ -395,7 +395,7 @@ class STAlign(ExpressionProbeMixin, AlignmentMixin, UnsupervisedTrainingMixin, B
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
-        method: Literal["reference", "probe"] = "reference",
+        method: Literal["reference", "probe", "head"] = "reference",
         k: int = 50,
         weighting: Literal["similarity", "softmax", "uniform"] = "similarity",
         gene_list: Sequence[str] | None = None,
@@ -414,7 +414,8 @@ class STAlign(ExpressionProbeMixin, AlignmentMixin, UnsupervisedTrainingMixin, B
             ``'reference'``: query-reference retrieval as UMPIRE
             (:meth:`imagene.model.AlignmentMixin.predict_expression`, settings ``k`` and
             ``weighting``). ``'probe'``: the MLP probe trained on the training spots' spot and niche
-            image latents (ST-Align's gene prediction).
+            image latents (ST-Align's gene prediction). ``'head'``: the ridge head of
+            :meth:`fit_expression_head`.
         k, weighting, gene_list, batch_size, return_numpy
             As in :meth:`imagene.model.AlignmentMixin.predict_expression` (``k`` and ``weighting``
             for ``method='reference'`` only).
@@ -431,11 +432,12 @@ class STAlign(ExpressionProbeMixin, AlignmentMixin, UnsupervisedTrainingMixin, B
         --------
         >>> pred = model.predict_expression(query, method="probe", gene_list=["ERBB2", "GRB7"])
         """
-        if method == "reference":
+        if method in ("reference", "head"):
             return super().predict_expression(adata, indices, k=k, weighting=weighting, gene_list=gene_list,
-                                              batch_size=batch_size, return_numpy=return_numpy, return_sd=return_sd)
+                                              batch_size=batch_size, return_numpy=return_numpy, return_sd=return_sd,
+                                              method=method)
         if method != "probe":
-            raise ValueError(f"method must be 'reference' or 'probe'; got {method!r}.")
+            raise ValueError(f"method must be 'reference', 'probe' or 'head'; got {method!r}.")
         adata = self._query(adata)
         cols = self._gene_columns(gene_list)
         pred, sd = self._predict_probe(adata, indices, cols, batch_size, with_sd=return_sd)
