@@ -551,6 +551,29 @@ def test_umpire_context_is_umpire_with_a_context_tower_on_the_context_matrix(syn
     assert res["retrieval"]["metric"].str.startswith("recall").any()
 
 
+def test_head_predictions_fit_the_ridge_head_on_the_named_features(synthetic_ctx):
+    method = bench.umpire_context()
+    assert method.predictions == {"reference": {}, "head": {"method": "head"}}
+    spot = bench.ImageneModel(name="u", predictions={"head": {"method": "head"}}, head_features="{image_key}_context",
+                              model_kwargs={"n_hidden": 16, "n_latent": 4}, train_kwargs={"accelerator": "cpu"},
+                              tasks=("expression",))
+    assert spot.input_keys("X_he_tiny") == ("X_he_tiny_context",)
+
+    class Keep(type(spot)):
+        settings: list = []
+
+        def fit(self, train, *, ctx):
+            super().fit(train, ctx=ctx)
+            Keep.settings.append(self.model_.expression_head_settings_["features_key"])
+
+    keep = Keep(**{k: getattr(spot, k) for k in ("name", "predictions", "head_features", "model_kwargs",
+                                                 "train_kwargs", "tasks")})
+    res = bench.run(synthetic_ctx, image_key="X_he_tiny", methods=[keep], n_genes=10, max_epochs=2)
+    assert Keep.settings == ["X_he_tiny_context"] * 3  # one fit per fold, the head on the context matrix
+    pcc = res.query("metric == 'pcc_hvg10'")
+    assert set(pcc["method"]) == {"u[head]"} and np.isfinite(pcc["value"]).all()
+
+
 class Recorder(Method):
     """Records the sections it is fitted on and the spots it predicts (shared log across deep copies)."""
 
