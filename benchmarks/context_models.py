@@ -5,7 +5,8 @@ mouse olfactory bulb MOB1 <-> MOB2), tasks expression and retrieval from one fit
 
 - ``ridge_probe`` / ``context_ridge``: StandardScaler -> PCA(256) -> ridge on the spot features /
   on the context matrix (spot tile over 4 flips, tiles of 224 and 448 µm, mean of the 6 nearest
-  spots), as in ``imagene bench --context``;
+  spots), as in ``imagene bench --context``; ``context_ridge_head``: the models' ridge head on the
+  context matrix without a model (rank and centring chosen on the training sections alone);
 - ``umpire`` (spot features) and ``umpire_context`` (its image tower a ContextTower on the context
   matrix); ``stalign`` and ``sigmma`` at their defaults (their image towers read their own tiles:
   STAlign a niche of neighbouring tiles, SIGMMA multi-scale tile graphs).
@@ -51,7 +52,7 @@ def methods(names: list[str]) -> list:
     """The methods named in ``names`` (``baselines``, ``umpire``, ``umpire_context``, ``stalign``, ``sigmma``)."""
     b = ig.bench
     table = {
-        "baselines": [b.RidgeProbe(), b.ContextRidge()],
+        "baselines": [b.RidgeProbe(), b.ContextRidge(), b.ContextRidge(head=True)],
         "umpire": [b.ImageneModel(name="umpire", predictions=HEAD, head_features=CONTEXT,
                                   tasks=("expression", "retrieval"))],
         "umpire_context": [b.umpire_context(head_features=CONTEXT)],

@@ -551,6 +551,40 @@ def test_umpire_context_is_umpire_with_a_context_tower_on_the_context_matrix(syn
     assert res["retrieval"]["metric"].str.startswith("recall").any()
 
 
+def test_context_ridge_head_chooses_rank_and_centring_on_the_training_sections_only(synthetic_ctx):
+    a = synthetic_ctx
+    fits = []
+
+    class Keep(bench.ContextRidge):
+        def fit(self, train, *, ctx):
+            super().fit(train, ctx=ctx)
+            fits.append((set(train.obs["section"].astype(str)), ctx.test_sections, self.validation_, self.probe_))
+
+    method = Keep(head=True)
+    assert method.name == "context_ridge_head"
+    df = bench.run(a, methods=[method], n_genes=10)
+    sections = a.obs["section"].astype(str).to_numpy()
+    counts = a.layers["counts"].toarray()
+    x = a.obsm["X_he_tiny_context"].astype(np.float64)
+    for train_sections, test_sections, table, head in fits:
+        assert not train_sections & set(test_sections) and len(table) == 8  # 4 ranks x 2 centrings
+        assert (head.rank, head.center) == (int(table.loc[0, "rank"]), bool(table.loc[0, "center"]))
+        fold = test_sections[0]
+        tr, te = sections != fold, sections == fold
+        keep = (counts[tr] > 0).mean(0) >= 0.1
+        y_tr, y_te = _log1p_cp10k(counts[tr][:, keep]), _log1p_cp10k(counts[te][:, keep])
+        hvg = np.argsort(-y_tr.var(0))[:10]
+        # the chosen head refitted by hand on the training sections, then centred on the held-out one
+        xt = x[te] - x[te].mean(0) if head.center else x[te]
+        xr = x[tr].copy()
+        if head.center:
+            for s_ in np.unique(sections[tr]):
+                xr[sections[tr] == s_] -= xr[sections[tr] == s_].mean(0)
+        ref = ig.model.RidgeHead(head.rank, False).fit(xr, y_tr, None).predict(xt, None)
+        got = df.query("fold == @fold").set_index("metric")["value"]
+        assert got["pcc_hvg10"] == pytest.approx(np.nanmean(_pearson(y_te[:, hvg], ref[:, hvg])), rel=1e-4)
+
+
 def test_head_predictions_fit_the_ridge_head_on_the_named_features(synthetic_ctx):
     method = bench.umpire_context()
     assert method.predictions == {"reference": {}, "head": {"method": "head"}}

@@ -166,12 +166,20 @@ class ContextRidge(RidgeProbe):
     and nothing fitted to any expression; a held-out section's context therefore depends on that
     section's image alone, as it would for a new slide.
 
+    With ``head=True`` (named ``context_ridge_head``) it is the ridge head of the models
+    (:meth:`imagene.model.AlignmentMixin.fit_expression_head`) without a model: the same pipeline
+    regressing the leading principal components of the targets, optionally on section-centred
+    features, rank and centring chosen by leave-one-section-out over the fold's training sections
+    (:func:`imagene.model.select_ridge_head`). It tells what a model's head owes to its latent.
+
     Parameters
     ----------
     context_key
         ``obsm`` key of the context matrix; ``None``: ``'<image_key>_context'``.
     n_components
         PCA components.
+    head
+        Reduced rank and centring chosen on the training sections (see above).
 
     Examples
     --------
@@ -181,9 +189,38 @@ class ContextRidge(RidgeProbe):
 
     name = "context_ridge"
 
-    def __init__(self, context_key: str | None = None, n_components: int = 256) -> None:
+    def __init__(self, context_key: str | None = None, n_components: int = 256, *, head: bool = False) -> None:
         super().__init__(n_components=n_components)
         self.context_key = context_key
+        self.head = bool(head)
+        if self.head:
+            self.name = "context_ridge_head"
+
+    def fit(self, train: AnnData, *, ctx: FoldContext) -> None:
+        """Fit the ridge (or, with ``head``, choose and fit the head) on the training spots.
+
+        Arguments as in :meth:`Method.fit`; returns nothing.
+        """
+        if not self.head:
+            return super().fit(train, ctx=ctx)
+        from imagene.model import select_ridge_head
+
+        y = self._fit_targets(train, ctx)
+        x = np.asarray(train.obsm[self._key(ctx)], dtype=np.float64)
+        self.probe_, self.validation_ = select_ridge_head(
+            x, y, train.obs[ctx.library_key].astype(str).to_numpy(), seed=ctx.seed
+        )
+        return None
+
+    def predict_expression(self, test: AnnData) -> np.ndarray:
+        """Ridge (or head, centred per held-out section) predictions from the context matrix.
+
+        Arguments as in :meth:`Method.predict_expression`; returns an (n_test, n_genes) array.
+        """
+        if not self.head:
+            return super().predict_expression(test)
+        x = np.asarray(test.obsm[self._key(self.ctx_)], dtype=np.float64)
+        return self.probe_.predict(x, test.obs[self.ctx_.library_key].astype(str).to_numpy())
 
     def input_keys(self, image_key: str) -> tuple[str, ...]:
         """The context matrix key: ``(context_key,)``, by default ``('<image_key>_context',)``.

@@ -46,12 +46,28 @@ class RidgeHead:
 
     ``rank=0`` regresses every gene directly. Centring subtracts each section's mean feature
     (the section's own image only: a test-time normalisation that needs no expression).
+    Predictions are clipped at 0 (the targets are ``log1p`` CP10k).
+
+    Parameters
+    ----------
+    rank
+        Principal components of the targets regressed (``0``: every target column).
+    center
+        Subtract each section's mean feature before the pipeline (in ``fit`` and ``predict``).
+    seed
+        Seed of the PCA solvers.
+
+    Examples
+    --------
+    >>> head = imagene.model.RidgeHead(16, True).fit(x_train, y_train, sections_train)
+    >>> pred = head.predict(x_test, sections_test)
     """
 
     def __init__(self, rank: int, center: bool, seed: int = 0) -> None:
         self.rank, self.center, self.seed = int(rank), bool(center), int(seed)
 
     def fit(self, x: np.ndarray, y: np.ndarray, sections: np.ndarray | None) -> RidgeHead:
+        """Fit on rows ``x`` (n, d), targets ``y`` (n, genes) and their ``sections`` (n,) or ``None``; returns self."""
         from sklearn.decomposition import PCA
 
         x = center_by_section(x, sections) if self.center else np.asarray(x, dtype=np.float64)
@@ -62,9 +78,11 @@ class RidgeHead:
         return self
 
     def predict(self, x: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
+        """Predictions (n, genes) for rows ``x``, centred per ``sections`` when fitted with ``center``."""
         x = center_by_section(x, sections) if self.center else np.asarray(x, dtype=np.float64)
         out = self.pipeline_.predict(x)
-        return self.gene_pca_.inverse_transform(out) if self.gene_pca_ is not None else out
+        out = self.gene_pca_.inverse_transform(out) if self.gene_pca_ is not None else out
+        return np.clip(out, 0, None)  # log1p CP10k is never negative
 
 
 def mean_pearson(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -74,6 +92,63 @@ def mean_pearson(pred: np.ndarray, truth: np.ndarray) -> float:
     den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
     ok = den > 0
     return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
+
+
+def select_ridge_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    sections: np.ndarray | None,
+    *,
+    grid: Sequence[tuple[int, bool]] = tuple((r, c) for r in (0, 8, 16, 32) for c in (False, True)),
+    n_genes: int = 50,
+    seed: int = 0,
+) -> tuple[RidgeHead, pd.DataFrame]:
+    """Choose ``(rank, center)`` of a :class:`RidgeHead` by leave-one-section-out, then refit it on every row.
+
+    The score is the mean Pearson r over the ``n_genes`` most variable columns of ``y``, averaged
+    over the held-out sections. With fewer than two sections nothing is validated and
+    ``rank=16`` with centring is used.
+
+    Parameters
+    ----------
+    x, y
+        Features (n, d) and targets (n, genes), e.g. ``log1p`` CP10k.
+    sections
+        Section of each row (n,), or ``None`` for one section.
+    grid
+        Candidate ``(rank, center)`` settings.
+    n_genes
+        Most variable target columns scored.
+    seed
+        Seed of the PCA solvers.
+
+    Returns
+    -------
+    The refitted head and the validation table (``rank``, ``center``, ``pcc``; best first; empty
+    with one section).
+
+    Examples
+    --------
+    >>> head, table = imagene.model.select_ridge_head(x, y, adata.obs["section"].to_numpy())
+    """
+    names = np.unique(sections) if sections is not None else np.array([])
+    if len(names) < 2:
+        logger.info("One training section: the expression head uses rank=16 with centring "
+                    "(nothing to validate on).")
+        return RidgeHead(16, True, seed).fit(x, y, sections), pd.DataFrame(columns=["rank", "center", "pcc"])
+    hvg = np.argsort(-y.var(0))[: int(n_genes)]
+    rows = []
+    for rank, cen in grid:
+        scores = []
+        for held in names:
+            fit_rows = sections != held
+            head = RidgeHead(rank, cen, seed).fit(x[fit_rows], y[fit_rows], sections[fit_rows])
+            pred = head.predict(x[~fit_rows], sections[~fit_rows])
+            scores.append(mean_pearson(pred[:, hvg], y[~fit_rows][:, hvg]))
+        rows.append({"rank": int(rank), "center": bool(cen), "pcc": float(np.mean(scores))})
+    table = pd.DataFrame(rows).sort_values("pcc", ascending=False, kind="stable").reset_index(drop=True)
+    best = RidgeHead(int(table.loc[0, "rank"]), bool(table.loc[0, "center"]), seed)
+    return best.fit(x, y, sections), table
 
 
 class ExpressionHeadMixin:
@@ -151,30 +226,11 @@ class ExpressionHeadMixin:
         self.expression_head_features_key_ = features_key or self.image_key
         x = self._head_inputs(self.adata, batch_size)
         y = log_normalize(self._gene_input(self.adata))
-        sections = self._head_sections(self.adata)
-        names = np.unique(sections) if sections is not None else np.array([])
-        rows = []
-        if len(names) >= 2:
-            hvg = np.argsort(-y.var(0))[: int(n_genes)]
-            for rank, cen in grid:
-                scores = []
-                for held in names:
-                    fit_rows = sections != held
-                    head = RidgeHead(rank, cen).fit(x[fit_rows], y[fit_rows], sections[fit_rows])
-                    pred = head.predict(x[~fit_rows], sections[~fit_rows])
-                    scores.append(mean_pearson(pred[:, hvg], y[~fit_rows][:, hvg]))
-                rows.append({"rank": rank, "center": cen, "pcc": float(np.mean(scores))})
-            table = pd.DataFrame(rows).sort_values("pcc", ascending=False, kind="stable").reset_index(drop=True)
-            rank, cen = int(table.loc[0, "rank"]), bool(table.loc[0, "center"])
-        else:
-            table = pd.DataFrame(columns=["rank", "center", "pcc"])
-            rank, cen = 16, True
-            logger.info("One training section: the expression head uses rank=16 with centring "
-                        "(nothing to validate on).")
-        self.expression_head_ = RidgeHead(rank, cen).fit(x, y, sections)
+        head, table = select_ridge_head(x, y, self._head_sections(self.adata), grid=grid, n_genes=n_genes)
+        self.expression_head_ = head
         self.expression_head_settings_ = {"inputs": inputs, "features_key": self.expression_head_features_key_,
-                                          "rank": rank, "center": cen}
-        logger.info("Fitted the expression head on %s: rank=%d, center=%s", inputs, rank, cen)
+                                          "rank": head.rank, "center": head.center}
+        logger.info("Fitted the expression head on %s: rank=%d, center=%s", inputs, head.rank, head.center)
         return table
 
     def _head_sections(self, adata: AnnData) -> np.ndarray | None:
@@ -205,7 +261,7 @@ class ExpressionHeadMixin:
             raise RuntimeError("The model has no expression head; call `model.fit_expression_head()` after training.")
         pred = head.predict(self._head_inputs(adata, batch_size), self._head_sections(adata))[:, cols]
         pred = pred if indices is None else pred[np.asarray(indices)]
-        return np.clip(pred, 0, None).astype(np.float32)
+        return pred.astype(np.float32)
 
     def _predict_full(self, adata: AnnData, genes: Sequence[str], **kwargs: Any) -> dict[str, np.ndarray | None]:
         if kwargs.get("method") != "head":
