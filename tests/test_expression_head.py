@@ -93,6 +93,12 @@ def test_centring_makes_the_head_blind_to_a_section_offset(data):
     shifted.obsm["X_he_tiny"] = shifted.obsm["X_he_tiny"] + 5.0
     np.testing.assert_allclose(m.predict_expression(shifted, method="head", return_numpy=True),
                                m.predict_expression(test, method="head", return_numpy=True), atol=1e-4)
+    # on a slide grid the means are over the in-tissue spots: off-tissue rows do not move the others
+    grid = ad.concat([test, test[:40].copy()], index_unique="-")
+    grid.obsm["X_he_tiny"][test.n_obs:] = 100.0
+    grid.obs["imagene_in_tissue"] = np.r_[np.ones(test.n_obs, bool), np.zeros(40, bool)]
+    np.testing.assert_allclose(m.predict_expression(grid, method="head", return_numpy=True)[: test.n_obs],
+                               m.predict_expression(test, method="head", return_numpy=True), atol=1e-4)
     m.fit_expression_head(inputs="features", ranks=(8,), center=(False,))
     assert not np.allclose(m.predict_expression(shifted, method="head", return_numpy=True),
                            m.predict_expression(test, method="head", return_numpy=True), atol=1e-3)

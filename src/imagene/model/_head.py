@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from imagene._constants import KEYS
 from imagene._utils import log_normalize
 
 logger = logging.getLogger("imagene")
@@ -31,13 +32,18 @@ def ridge_pipeline(n_obs: int, n_features: int, *, n_components: int = 256, seed
     )
 
 
-def center_by_section(x: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
-    """``x`` minus the mean row of its section (one section when ``sections`` is ``None``)."""
+def center_by_section(x: np.ndarray, sections: np.ndarray | None, use: np.ndarray | None = None) -> np.ndarray:
+    """``x`` minus the mean row of its section (one section when ``sections`` is ``None``).
+
+    ``use``: boolean rows the means are taken over (e.g. the in-tissue spots of a slide grid);
+    a section with none of them uses all its rows.
+    """
     x = np.array(x, dtype=np.float64, copy=True)
     groups = np.zeros(len(x), dtype=int) if sections is None else pd.factorize(np.asarray(sections))[0]
     for g in np.unique(groups):
         rows = groups == g
-        x[rows] -= x[rows].mean(0)
+        ref = rows & use if use is not None and (rows & use).any() else rows
+        x[rows] -= x[ref].mean(0)
     return x
 
 
@@ -77,9 +83,9 @@ class RidgeHead:
         self.pipeline_ = ridge_pipeline(*x.shape, seed=self.seed).fit(x, target)
         return self
 
-    def predict(self, x: np.ndarray, sections: np.ndarray | None) -> np.ndarray:
-        """Predictions (n, genes) for rows ``x``, centred per ``sections`` when fitted with ``center``."""
-        x = center_by_section(x, sections) if self.center else np.asarray(x, dtype=np.float64)
+    def predict(self, x: np.ndarray, sections: np.ndarray | None, use: np.ndarray | None = None) -> np.ndarray:
+        """Predictions (n, genes) for rows ``x``, centred per ``sections`` (means over rows ``use``) with ``center``."""
+        x = center_by_section(x, sections, use) if self.center else np.asarray(x, dtype=np.float64)
         out = self.pipeline_.predict(x)
         out = self.gene_pca_.inverse_transform(out) if self.gene_pca_ is not None else out
         return np.clip(out, 0, None)  # log1p CP10k is never negative
@@ -177,7 +183,8 @@ class ExpressionHeadMixin:
         ``rank`` leading principal components of the training spots' ``log1p`` CP10k (``rank=0``:
         every gene directly), optionally after subtracting each section's mean input (the section's
         own image only, no expression: the query is centred the same way, per section of
-        ``obs[library_key]``). ``rank`` and centring are chosen by leave-one-section-out over the
+        ``obs[library_key]``, over its in-tissue spots on a slide grid of :func:`imagene.pp.spot_grid`).
+        ``rank`` and centring are chosen by leave-one-section-out over the
         training sections (mean Pearson r of the ``n_genes`` most variable training genes); with
         one training section, ``rank=16`` with centring is used. The head is refitted on all
         training spots, saved with the model, and used by ``predict_expression(method='head')``.
@@ -259,7 +266,8 @@ class ExpressionHeadMixin:
         head = getattr(self, "expression_head_", None)
         if head is None:
             raise RuntimeError("The model has no expression head; call `model.fit_expression_head()` after training.")
-        pred = head.predict(self._head_inputs(adata, batch_size), self._head_sections(adata))[:, cols]
+        use = adata.obs[KEYS.IN_TISSUE].to_numpy(dtype=bool) if KEYS.IN_TISSUE in adata.obs else None
+        pred = head.predict(self._head_inputs(adata, batch_size), self._head_sections(adata), use)[:, cols]
         pred = pred if indices is None else pred[np.asarray(indices)]
         return pred.astype(np.float32)
 
