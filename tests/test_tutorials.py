@@ -57,12 +57,14 @@ def test_quickstart_runs_and_scores_the_held_out_section(tmp_path, monkeypatch, 
     assert result["test_section"] == "C4"
     assert result["n_genes_scored"] == 50
     assert 1 <= result["epochs_run"] <= 5  # FAST trains at most 5 epochs
-    for key in ("umpire_r", "ridge_r"):
+    for key in ("umpire_r", "ridge_r", "umpire_head_r"):
         assert math.isfinite(result[key]), result
         assert -1.0 <= result[key] <= 1.0, result
     # on a held-out section, frozen ImageNet features carry real signal for the most variable genes:
-    # the ridge probe is clearly above chance (0), and UMPIRE's retrieval is not anti-correlated
+    # the ridge probe and the model's ridge head are clearly above chance (0), and UMPIRE's
+    # retrieval is not anti-correlated
     assert result["ridge_r"] > 0.05, result
+    assert result["umpire_head_r"] > 0.05, result
     assert result["umpire_r"] > 0.0, result
 
 
