@@ -266,11 +266,11 @@ class ImageneModel(Method):
         is replaced by the run's key, e.g. ``'{image_key}_context'`` for the context matrix of
         :func:`imagene.bench.read_sections` with ``context=True``); ``None``: the run's key. The
         runner skips a default method whose input is missing.
-        head_features
-            ``obsm`` key of the features of the ridge head (``features_key`` of
-            :meth:`imagene.model.AlignmentMixin.fit_expression_head`; ``'{image_key}'`` replaced as
-            in ``image_input``); ``None``: the model's image input. Used by a ``{"method": "head"}``
-            prediction.
+    head_features
+        ``obsm`` key of the features of the ridge head (``features_key`` of
+        :meth:`imagene.model.AlignmentMixin.fit_expression_head`; ``'{image_key}'`` replaced as
+        in ``image_input``); ``None``: the model's image input. Used by a ``{"method": "head"}``
+        prediction.
 
     Examples
     --------
