@@ -167,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spot-diameter-um", type=float, default=None, help="spot diameter (default: pitch / 2)")
     parser.add_argument("--microns-per-pixel", type=float, default=None, help="when the slide's metadata has none")
     parser.add_argument("--genes", nargs="*", default=None, help="genes to plot (default: the 4 most variable)")
-    parser.add_argument("--method", default=None, help="prediction method (STAlign: reference or probe)")
+    parser.add_argument("--method", default=None, help="prediction method: reference (default) or head (a model with `fit_expression_head`); STAlign also probe")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -160,7 +160,7 @@ def select_ridge_head(
 class ExpressionHeadMixin:
     """Fit and use a ridge expression head on a trained alignment model (mixed into :class:`AlignmentMixin`).
 
-    Needs from the model: ``adata``, ``image_key``, ``library_key``, ``_embed``, ``_gene_input``,
+    Needs from the model: ``adata``, ``image_key``, ``library_key``, ``get_latent_representation``, ``_gene_input``,
     ``_gene_columns``, ``_query``, ``_check_trained`` and ``_format_prediction``.
     """
 
@@ -229,6 +229,9 @@ class ExpressionHeadMixin:
         grid = [(int(r), bool(c)) for r in ranks for c in center]
         if not grid or any(r < 0 for r, _ in grid):
             raise ValueError(f"ranks must hold integers >= 0 and center booleans; got {ranks!r}, {center!r}.")
+        if "features" in inputs and (features_key or self.image_key) is None:
+            raise ValueError(f"{type(self).__name__} was set up without image features (`image_key=None`): pass the "
+                             "obsm key of features as `features_key=`, or `inputs='latent'`.")
         self.expression_head_inputs_ = inputs
         self.expression_head_features_key_ = features_key or self.image_key
         x = self._head_inputs(self.adata, batch_size)
@@ -254,7 +257,7 @@ class ExpressionHeadMixin:
                                "them for the query as for the training data (e.g. `imagene.pp.context_matrix`).")
             blocks.append(np.asarray(adata.obsm[key], dtype=np.float64))
         if "latent" in inputs:
-            z = np.asarray(self._embed(adata, "image", None, batch_size), dtype=np.float64)
+            z = np.asarray(self.get_latent_representation(adata, None, batch_size, modality="image"), dtype=np.float64)
             width = blocks[0].shape[1] if blocks else z.shape[1]
             blocks.append(z * np.sqrt(width / z.shape[1]))
         return np.hstack(blocks)

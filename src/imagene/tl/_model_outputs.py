@@ -59,15 +59,21 @@ def embed(
     save_key(adata, "obsm", key_added or f"{KEYS.LATENT_PREFIX}{modality}", np.asarray(z, dtype=np.float32))
 
 
-def ensure_image_features(model: Any, adata: AnnData, *, show_progress_bar: bool = False) -> None:
+def ensure_image_features(model: Any, adata: AnnData, *, show_progress_bar: bool = False, head: bool = False) -> None:
     """Compute ``obsm[model.image_key]`` when missing, with the model's tile settings (``tile_settings_``).
+
+    Models whose image tower reads its own tiles (STAlign, SIGMMA) need the features only for a
+    ridge head fitted on them (``head=True``: a ``method='head'`` prediction).
 
     Tiles are cut from the section images of ``adata`` (``uns['spatial']``, e.g. a slide grid of
     :func:`imagene.pp.spot_grid`) on a light copy and embedded with the training encoder; only
     ``obsm[model.image_key]`` (and its provenance ``uns[model.image_key]``) is written.
     """
     key = getattr(model, "image_key", None)
-    if key is None or key in adata.obsm or not getattr(model, "_uses_image_key", True):
+    head_reads = head and getattr(model, "expression_head_features_key_", None) == key and "features" in getattr(
+        model, "expression_head_inputs_", ""
+    )
+    if key is None or key in adata.obsm or not (getattr(model, "_uses_image_key", True) or head_reads):
         return
     conf = dict(getattr(model, "tile_settings_", None) or {})
     if not conf.get("encoder") or KEYS.SPATIAL not in adata.obsm or "spatial" not in adata.uns:
@@ -162,7 +168,7 @@ def predict_expression(
         raise ValueError("The model has no genes to predict; pass `genes=`.")
     if genes.has_duplicates:
         raise ValueError("genes holds duplicates; pass each symbol once.")
-    ensure_image_features(model, adata)
+    ensure_image_features(model, adata, head=kwargs.get("method") == "head")
     if hasattr(model, "_predict_full"):
         out = model._predict_full(adata, list(genes), **kwargs)
     else:  # a model outside imagene with the predict_expression(adata, gene_list=...) convention
