@@ -100,8 +100,10 @@ class UMPIRE(SpotAlignmentModel):
         Recommended when the context can be built: on her2st (leave one section out, UMPIRE's
         defaults otherwise; ``imagene bench --context``) it lifts PCC HVG50 from 0.191 to 0.210
         (HEG50 0.148 to 0.180) and image→gene Recall@5 % from 0.135 to 0.171, in three of four
-        folds (the cross-patient fold B4 loses); it still predicts expression below a ridge on the
-        same context matrix (docs/benchmark.md, "UMPIRE with context").
+        folds (the cross-patient fold B4 loses). Its query-reference prediction stays below a ridge
+        on the same context matrix; the ridge head (:meth:`fit_expression_head` on the context
+        matrix, ``predict_expression(method='head')``) reaches 0.310, and on UMPIRE without the
+        context tower 0.317 (docs/benchmark.md, "The ridge head").
     context_widths
         Block widths of the context matrix, instead of ``adata.uns[image_key]['widths']``
         (``image_context='attention'`` only).
