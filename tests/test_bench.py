@@ -588,6 +588,7 @@ def test_context_ridge_head_chooses_rank_and_centring_on_the_training_sections_o
 def test_head_predictions_fit_the_ridge_head_on_the_named_features(synthetic_ctx):
     method = bench.umpire_context()
     assert method.predictions == {"reference": {}, "head": {"method": "head"}}
+    assert bench.bleep_style().predictions is None and bench.ImageneModel().predictions is None  # one prediction
     spot = bench.ImageneModel(name="u", predictions={"head": {"method": "head"}}, head_features="{image_key}_context",
                               model_kwargs={"n_hidden": 16, "n_latent": 4}, train_kwargs={"accelerator": "cpu"},
                               tasks=("expression",))

@@ -456,7 +456,6 @@ def bleep_style(**kwargs: Any) -> ImageneModel:
         "weighting": "uniform",
         "tasks": ("expression", "retrieval"),
         "clustering_modalities": (),
-        "predictions": {"reference": {}, "head": {"method": "head"}},
     }
     for key in ("model_kwargs", "train_kwargs"):  # overrides refine the configuration rather than replace it
         config[key] = {**config[key], **(kwargs.pop(key, None) or {})}
