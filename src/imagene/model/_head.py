@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from imagene._constants import KEYS
 from imagene._utils import log_normalize
+from imagene.metrics import mean_pearson
 
 logger = logging.getLogger("imagene")
 
@@ -91,15 +92,6 @@ class RidgeHead:
         return np.clip(out, 0, None)  # log1p CP10k is never negative
 
 
-def mean_pearson(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over genes of the Pearson r between predicted and measured values (constant genes skipped)."""
-    p = pred - pred.mean(0)
-    t = truth - truth.mean(0)
-    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
-    ok = den > 0
-    return float(((p * t).sum(0)[ok] / den[ok]).mean()) if ok.any() else float("nan")
-
-
 def select_ridge_head(
     x: np.ndarray,
     y: np.ndarray,
@@ -150,7 +142,7 @@ def select_ridge_head(
             fit_rows = sections != held
             head = RidgeHead(rank, cen, seed).fit(x[fit_rows], y[fit_rows], sections[fit_rows])
             pred = head.predict(x[~fit_rows], sections[~fit_rows])
-            scores.append(mean_pearson(pred[:, hvg], y[~fit_rows][:, hvg]))
+            scores.append(mean_pearson(y[~fit_rows][:, hvg], pred[:, hvg]))
         rows.append({"rank": int(rank), "center": bool(cen), "pcc": float(np.mean(scores))})
     table = pd.DataFrame(rows).sort_values("pcc", ascending=False, kind="stable").reset_index(drop=True)
     best = RidgeHead(int(table.loc[0, "rank"]), bool(table.loc[0, "center"]), seed)
