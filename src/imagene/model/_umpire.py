@@ -102,8 +102,8 @@ class UMPIRE(SpotAlignmentModel):
         (HEG50 0.148 to 0.180) and image→gene Recall@5 % from 0.135 to 0.171, in three of four
         folds (the cross-patient fold B4 loses). Its query-reference prediction stays below a ridge
         on the same context matrix; the ridge head (:meth:`fit_expression_head` on the context
-        matrix, ``predict_expression(method='head')``) reaches 0.310, and on UMPIRE without the
-        context tower 0.317 (docs/benchmark.md, "The ridge head").
+        matrix, ``predict_expression(method='head')``) reaches 0.302, and on UMPIRE without the
+        context tower 0.309 (docs/benchmark.md, "The ridge head").
     context_widths
         Block widths of the context matrix, instead of ``adata.uns[image_key]['widths']``
         (``image_context='attention'`` only).
